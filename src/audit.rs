@@ -1,0 +1,471 @@
+//! The audit in Postgres: the only file that knows SQL.
+//!
+//! Writes are batched: every finished request hands its record to one
+//! [`AuditWriter`] task, which drains whatever has queued up while its last
+//! flush ran and commits it all in one transaction (multi-row
+//! `INSERT ... SELECT FROM UNNEST`). A caller learns that its record is
+//! committed, and only then may its message be acked.
+
+use crate::api::Attempt;
+use crate::domain::Outcome;
+use crate::telemetry::cause_chain;
+use backon::{ExponentialBuilder, Retryable};
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+/// The most records one flush commits.
+const MAX_FLUSH: usize = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit database query failed")]
+    Query(#[from] sqlx::Error),
+    #[error("audit migrations failed")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// A request's final outcome with every attempt that led to it.
+#[derive(Debug, Clone)]
+pub struct FinalRecord {
+    pub request_id: String,
+    pub project_id: Option<String>,
+    pub workflow_id: Option<String>,
+    pub execution_id: Option<String>,
+    pub outcome: Outcome,
+    pub http_status: Option<u16>,
+    pub error_code: Option<String>,
+    pub error_msg: Option<String>,
+    pub attempts: Vec<Attempt>,
+    /// Attempts recorded by earlier deliveries; numbering continues after them.
+    pub attempts_before: u32,
+    pub reason: Option<String>,
+    pub requested_by: Option<String>,
+    pub received_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub redelivered: bool,
+    pub message_id: Option<String>,
+}
+
+/// One thing to commit.
+#[derive(Debug, Clone)]
+pub enum Record {
+    Final(Box<FinalRecord>),
+    /// Attempts of a request that did not reach a final outcome (shutdown):
+    /// the calls were made, so the audit shows them.
+    Unfinished {
+        request_id: String,
+        attempts_before: u32,
+        attempts: Vec<Attempt>,
+    },
+    /// A delivery of a request that already had its final outcome.
+    Skipped {
+        request_id: String,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct Audit {
+    pool: PgPool,
+}
+
+impl Audit {
+    /// A lazy pool: nothing connects until the first query, so a database
+    /// that is down at start is retried like one that goes down later.
+    pub fn new(options: PgConnectOptions, max_connections: u32) -> Self {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with(options);
+        Self { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub async fn migrate(&self) -> Result<(), AuditError> {
+        sqlx::migrate!("./migrations").run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// The ids among `ids` that already have a final outcome other than
+    /// `rejected` (a rejection never blocks a later valid request).
+    pub async fn already_final(&self, ids: &[String]) -> Result<HashSet<String>, AuditError> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT request_id FROM termination_outcomes \
+             WHERE request_id = ANY($1) AND outcome <> 'rejected'",
+        )
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|(id,)| id).collect())
+    }
+
+    /// How many attempts each of `ids` already has on record.
+    pub async fn attempts_recorded(
+        &self,
+        ids: &[String],
+    ) -> Result<HashMap<String, u32>, AuditError> {
+        let rows: Vec<(String, i32)> = sqlx::query_as(
+            "SELECT request_id, max(attempt) FROM termination_attempts \
+             WHERE request_id = ANY($1) GROUP BY request_id",
+        )
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, n)| (id, u32::try_from(n).unwrap_or(0)))
+            .collect())
+    }
+
+    /// Commit `records` in one transaction.
+    pub async fn write(&self, records: &[&Record]) -> Result<(), AuditError> {
+        let mut attempts = AttemptColumns::default();
+        let mut finals = Vec::new();
+        let mut skipped = Vec::new();
+        for record in records {
+            match record {
+                Record::Final(f) => {
+                    attempts.push(&f.request_id, f.attempts_before, &f.attempts);
+                    finals.push(f.as_ref());
+                }
+                Record::Unfinished {
+                    request_id,
+                    attempts_before,
+                    attempts: list,
+                } => attempts.push(request_id, *attempts_before, list),
+                Record::Skipped { request_id } => skipped.push(request_id.as_str()),
+            }
+        }
+        let mut tx = self.pool.begin().await?;
+        if !attempts.request_id.is_empty() {
+            attempts.insert(&mut tx).await?;
+        }
+        // ON CONFLICT cannot touch one row twice in a statement: a request_id
+        // that repeats within the flush goes into a later statement.
+        for layer in layers(finals) {
+            OutcomeColumns::from(layer.as_slice())
+                .upsert(&mut tx)
+                .await?;
+        }
+        if !skipped.is_empty() {
+            sqlx::query(
+                "UPDATE termination_outcomes o \
+                 SET skipped_redeliveries = o.skipped_redeliveries + s.n \
+                 FROM (SELECT id, count(*)::int AS n FROM UNNEST($1::text[]) AS id GROUP BY id) s \
+                 WHERE o.request_id = s.id",
+            )
+            .bind(&skipped)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// Split records so that no request_id appears twice in one layer.
+fn layers(records: Vec<&FinalRecord>) -> Vec<Vec<&FinalRecord>> {
+    let mut layers: Vec<Vec<&FinalRecord>> = Vec::new();
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for r in records {
+        let depth = seen.entry(r.request_id.as_str()).or_insert(0);
+        if layers.len() <= *depth {
+            layers.push(Vec::new());
+        }
+        layers[*depth].push(r);
+        *depth += 1;
+    }
+    layers
+}
+
+#[derive(Default)]
+struct AttemptColumns {
+    request_id: Vec<String>,
+    attempt: Vec<i32>,
+    http_status: Vec<Option<i32>>,
+    error_kind: Vec<Option<&'static str>>,
+    error_code: Vec<Option<String>>,
+    error_msg: Vec<Option<String>>,
+    body_excerpt: Vec<Option<String>>,
+    started_at: Vec<DateTime<Utc>>,
+    latency_ms: Vec<f64>,
+}
+
+impl AttemptColumns {
+    fn push(&mut self, request_id: &str, before: u32, attempts: &[Attempt]) {
+        for (i, a) in attempts.iter().enumerate() {
+            let n = u64::from(before) + i as u64 + 1;
+            self.request_id.push(request_id.to_owned());
+            self.attempt.push(i32::try_from(n).unwrap_or(i32::MAX));
+            self.http_status.push(a.http_status.map(i32::from));
+            self.error_kind.push(a.error_kind.map(|k| k.as_str()));
+            self.error_code.push(a.error_code.clone());
+            self.error_msg.push(a.error_msg.clone());
+            self.body_excerpt.push(a.body_excerpt.clone());
+            self.started_at.push(a.started_at);
+            self.latency_ms.push(a.latency.as_secs_f64() * 1000.0);
+        }
+    }
+
+    async fn insert(self, tx: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO termination_attempts \
+             (request_id, attempt, http_status, error_kind, error_code, error_msg, body_excerpt, \
+              started_at, latency_ms) \
+             SELECT * FROM UNNEST($1::text[], $2::int[], $3::int[], $4::text[], $5::text[], \
+              $6::text[], $7::text[], $8::timestamptz[], $9::float8[])",
+        )
+        .bind(self.request_id)
+        .bind(self.attempt)
+        .bind(self.http_status)
+        .bind(self.error_kind)
+        .bind(self.error_code)
+        .bind(self.error_msg)
+        .bind(self.body_excerpt)
+        .bind(self.started_at)
+        .bind(self.latency_ms)
+        .execute(tx)
+        .await?;
+        Ok(())
+    }
+}
+
+struct OutcomeColumns<'a> {
+    request_id: Vec<&'a str>,
+    project_id: Vec<Option<&'a str>>,
+    workflow_id: Vec<Option<&'a str>>,
+    execution_id: Vec<Option<&'a str>>,
+    outcome: Vec<&'static str>,
+    http_status: Vec<Option<i32>>,
+    error_code: Vec<Option<&'a str>>,
+    error_msg: Vec<Option<&'a str>>,
+    attempts: Vec<i32>,
+    reason: Vec<Option<&'a str>>,
+    requested_by: Vec<Option<&'a str>>,
+    received_at: Vec<DateTime<Utc>>,
+    finished_at: Vec<DateTime<Utc>>,
+    redelivered: Vec<bool>,
+    message_id: Vec<Option<&'a str>>,
+}
+
+impl<'a> From<&[&'a FinalRecord]> for OutcomeColumns<'a> {
+    fn from(records: &[&'a FinalRecord]) -> Self {
+        let n = records.len();
+        let mut c = OutcomeColumns {
+            request_id: Vec::with_capacity(n),
+            project_id: Vec::with_capacity(n),
+            workflow_id: Vec::with_capacity(n),
+            execution_id: Vec::with_capacity(n),
+            outcome: Vec::with_capacity(n),
+            http_status: Vec::with_capacity(n),
+            error_code: Vec::with_capacity(n),
+            error_msg: Vec::with_capacity(n),
+            attempts: Vec::with_capacity(n),
+            reason: Vec::with_capacity(n),
+            requested_by: Vec::with_capacity(n),
+            received_at: Vec::with_capacity(n),
+            finished_at: Vec::with_capacity(n),
+            redelivered: Vec::with_capacity(n),
+            message_id: Vec::with_capacity(n),
+        };
+        for r in records {
+            c.request_id.push(&r.request_id);
+            c.project_id.push(r.project_id.as_deref());
+            c.workflow_id.push(r.workflow_id.as_deref());
+            c.execution_id.push(r.execution_id.as_deref());
+            c.outcome.push(r.outcome.as_str());
+            c.http_status.push(r.http_status.map(i32::from));
+            c.error_code.push(r.error_code.as_deref());
+            c.error_msg.push(r.error_msg.as_deref());
+            let total = u64::from(r.attempts_before) + r.attempts.len() as u64;
+            c.attempts.push(i32::try_from(total).unwrap_or(i32::MAX));
+            c.reason.push(r.reason.as_deref());
+            c.requested_by.push(r.requested_by.as_deref());
+            c.received_at.push(r.received_at);
+            c.finished_at.push(r.finished_at);
+            c.redelivered.push(r.redelivered);
+            c.message_id.push(r.message_id.as_deref());
+        }
+        c
+    }
+}
+
+impl OutcomeColumns<'_> {
+    /// Insert, or replace a `rejected` row; a row that already holds another
+    /// final outcome is kept, and the newcomer goes to the history.
+    async fn upsert(self, tx: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "WITH input AS ( \
+               SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+                 $6::int[], $7::text[], $8::text[], $9::int[], $10::text[], $11::text[], \
+                 $12::timestamptz[], $13::timestamptz[], $14::bool[], $15::text[]) \
+               AS t(request_id, project_id, workflow_id, execution_id, outcome, http_status, \
+                 error_code, error_msg, attempts, reason, requested_by, received_at, \
+                 finished_at, redelivered, message_id) \
+             ), applied AS ( \
+               INSERT INTO termination_outcomes AS o \
+                 (request_id, project_id, workflow_id, execution_id, outcome, http_status, \
+                  error_code, error_msg, attempts, reason, requested_by, received_at, \
+                  finished_at, redelivered, message_id) \
+               SELECT * FROM input \
+               ON CONFLICT (request_id) DO UPDATE SET \
+                 project_id = EXCLUDED.project_id, workflow_id = EXCLUDED.workflow_id, \
+                 execution_id = EXCLUDED.execution_id, outcome = EXCLUDED.outcome, \
+                 http_status = EXCLUDED.http_status, error_code = EXCLUDED.error_code, \
+                 error_msg = EXCLUDED.error_msg, attempts = EXCLUDED.attempts, \
+                 reason = EXCLUDED.reason, requested_by = EXCLUDED.requested_by, \
+                 received_at = EXCLUDED.received_at, finished_at = EXCLUDED.finished_at, \
+                 redelivered = EXCLUDED.redelivered, message_id = EXCLUDED.message_id \
+               WHERE o.outcome = 'rejected' \
+               RETURNING o.request_id \
+             ) \
+             INSERT INTO termination_outcome_history \
+               (why, request_id, project_id, workflow_id, execution_id, outcome, http_status, \
+                error_code, error_msg, attempts, reason, requested_by, received_at, \
+                finished_at, redelivered, message_id) \
+             SELECT CASE WHEN i.outcome = 'rejected' THEN 'rejected_after_final' \
+                         ELSE 'duplicate' END, i.* \
+             FROM input i WHERE i.request_id NOT IN (SELECT request_id FROM applied)",
+        )
+        .bind(self.request_id)
+        .bind(self.project_id)
+        .bind(self.workflow_id)
+        .bind(self.execution_id)
+        .bind(self.outcome)
+        .bind(self.http_status)
+        .bind(self.error_code)
+        .bind(self.error_msg)
+        .bind(self.attempts)
+        .bind(self.reason)
+        .bind(self.requested_by)
+        .bind(self.received_at)
+        .bind(self.finished_at)
+        .bind(self.redelivered)
+        .bind(self.message_id)
+        .execute(tx)
+        .await?;
+        Ok(())
+    }
+}
+
+/// Run a database call until it succeeds, backing off between tries, or
+/// until `abort` fires (then `None`). The daemon never gives up on the
+/// audit by itself: an outcome it cannot record is an outcome it cannot ack.
+pub async fn until_done<T, F, Fut>(what: &str, abort: &CancellationToken, call: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, AuditError>>,
+{
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times();
+    let retried =
+        call.retry(backoff)
+            .sleep(tokio::time::sleep)
+            .notify(|e: &AuditError, delay: Duration| {
+                tracing::warn!(
+                    error.cause_chain = %cause_chain(e),
+                    retry_in_ms = delay.as_millis() as u64,
+                    "{what} failed; retrying"
+                );
+            });
+    tokio::select! {
+        biased;
+        result = retried => result.ok(),
+        () = abort.cancelled() => None,
+    }
+}
+
+struct Job {
+    record: Record,
+    done: oneshot::Sender<bool>,
+}
+
+/// Hands records to the writer task. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct AuditWriter {
+    tx: mpsc::Sender<Job>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.record.fmt(f)
+    }
+}
+
+impl AuditWriter {
+    /// Start the writer. It runs until every `AuditWriter` clone is dropped
+    /// and the queue is drained; `abort` makes pending writes give up.
+    pub fn spawn(audit: Audit, abort: CancellationToken) -> (Self, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(4 * MAX_FLUSH);
+        let handle = tokio::spawn(write_loop(audit, rx, abort));
+        (Self { tx }, handle)
+    }
+
+    /// Commit one record; `true` once it is committed, `false` if the writer
+    /// gave up (shutdown grace ran out while the database was away).
+    pub async fn commit(&self, record: Record) -> bool {
+        let (done, committed) = oneshot::channel();
+        if self.tx.send(Job { record, done }).await.is_err() {
+            return false;
+        }
+        committed.await.unwrap_or(false)
+    }
+}
+
+async fn write_loop(audit: Audit, mut rx: mpsc::Receiver<Job>, abort: CancellationToken) {
+    let mut jobs = Vec::with_capacity(MAX_FLUSH);
+    while rx.recv_many(&mut jobs, MAX_FLUSH).await > 0 {
+        let records: Vec<&Record> = jobs.iter().map(|j| &j.record).collect();
+        let committed = until_done("audit write", &abort, || audit.write(&records))
+            .await
+            .is_some();
+        for job in jobs.drain(..) {
+            let _ = job.done.send(committed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str) -> FinalRecord {
+        FinalRecord {
+            request_id: id.to_owned(),
+            project_id: None,
+            workflow_id: None,
+            execution_id: None,
+            outcome: Outcome::Rejected,
+            http_status: None,
+            error_code: None,
+            error_msg: None,
+            attempts: vec![],
+            attempts_before: 0,
+            reason: None,
+            requested_by: None,
+            received_at: Utc::now(),
+            finished_at: Utc::now(),
+            redelivered: false,
+            message_id: None,
+        }
+    }
+
+    #[test]
+    fn repeated_ids_go_to_later_layers() {
+        let (a1, b, a2, a3) = (record("a"), record("b"), record("a"), record("a"));
+        let ids =
+            |l: &Vec<&FinalRecord>| l.iter().map(|r| r.request_id.clone()).collect::<Vec<_>>();
+        let got: Vec<_> = layers(vec![&a1, &b, &a2, &a3]).iter().map(ids).collect();
+        assert_eq!(got, vec![vec!["a", "b"], vec!["a"], vec!["a"]]);
+    }
+}

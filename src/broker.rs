@@ -1,0 +1,360 @@
+//! The only file that knows lapin: topology, consuming, acking, and
+//! publishing dead letters with publisher confirms.
+
+use crate::config::AmqpSettings;
+use crate::telemetry::cause_chain;
+use futures_util::Stream;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot connect to the broker at {host}:{port}")]
+    Connect {
+        host: String,
+        port: u16,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error("broker call failed: {what}")]
+    Call {
+        what: &'static str,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error("the broker did not confirm the publish ({0})")]
+    NotConfirmed(&'static str),
+}
+
+fn call(what: &'static str) -> impl FnOnce(lapin::Error) -> BrokerError {
+    move |source| BrokerError::Call { what, source }
+}
+
+/// Arguments of the request queue, spelled out rather than left to a
+/// broker version's defaults: a quorum queue (replicated, durable), whose
+/// messages go to the dead-letter queue once delivered `delivery_limit`
+/// times (a message that keeps killing consumers must not loop forever;
+/// RabbitMQ 3.10 has no default limit, 4.x defaults to 20).
+pub fn request_queue_arguments(s: &AmqpSettings) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), text("quorum"));
+    args.insert("x-dead-letter-exchange".into(), text(""));
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        text(&s.dead_letter_queue),
+    );
+    args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongLongInt(i64::from(s.delivery_limit)),
+    );
+    args
+}
+
+/// The dead-letter queue is a durable quorum queue too: dead letters are
+/// exactly what must not be lost.
+pub fn dead_letter_queue_arguments() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), text("quorum"));
+    args
+}
+
+fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+const DURABLE: QueueDeclareOptions = QueueDeclareOptions {
+    passive: false,
+    durable: true,
+    exclusive: false,
+    auto_delete: false,
+    nowait: false,
+};
+
+/// Declare both queues. Both are routed through the default exchange by
+/// name, so no exchange or binding is needed. Idempotent.
+pub async fn declare_topology(channel: &Channel, s: &AmqpSettings) -> Result<(), BrokerError> {
+    channel
+        .queue_declare(
+            s.dead_letter_queue.as_str().into(),
+            DURABLE,
+            dead_letter_queue_arguments(),
+        )
+        .await
+        .map_err(call("declare the dead-letter queue"))?;
+    channel
+        .queue_declare(s.queue.as_str().into(), DURABLE, request_queue_arguments(s))
+        .await
+        .map_err(call("declare the request queue"))?;
+    Ok(())
+}
+
+pub async fn connect(s: &AmqpSettings, name: &str) -> Result<Connection, BrokerError> {
+    // No `enable_auto_recover()`: after a connection loss the daemon builds a
+    // new connection, channels and consumer itself (see `daemon`), so the
+    // delivery tags of a dead channel are never confused with a new one's.
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    Connection::connect_uri(s.uri.clone(), props)
+        .await
+        .map_err(|source| BrokerError::Connect {
+            host: s.uri.authority.host.clone(),
+            port: s.uri.authority.port,
+            source,
+        })
+}
+
+/// A live connection with one channel to consume on and one to publish
+/// dead letters on.
+pub struct Session {
+    connection: Connection,
+    consume: Channel,
+    publish: Channel,
+    consumer_tag: String,
+}
+
+impl Session {
+    pub async fn open(s: &AmqpSettings, prefetch: u16) -> Result<Self, BrokerError> {
+        let suffix = format!("{:08x}", fastrand::u32(..));
+        let connection = connect(s, &format!("aom-terminator-{suffix}")).await?;
+        let consume = connection
+            .create_channel()
+            .await
+            .map_err(call("open the consume channel"))?;
+        declare_topology(&consume, s).await?;
+        // Per-consumer prefetch (`global: false`): bounds the messages
+        // delivered and not yet acked.
+        consume
+            .basic_qos(prefetch, BasicQosOptions { global: false })
+            .await
+            .map_err(call("set the prefetch"))?;
+        let publish = connection
+            .create_channel()
+            .await
+            .map_err(call("open the publish channel"))?;
+        publish
+            .confirm_select(ConfirmSelectOptions { nowait: false })
+            .await
+            .map_err(call("enable publisher confirms"))?;
+        Ok(Self {
+            connection,
+            consume,
+            publish,
+            // Random suffix: two daemons (or two sessions) never collide.
+            consumer_tag: format!("aom-terminator-{suffix}"),
+        })
+    }
+
+    pub async fn consume(
+        &self,
+        queue: &str,
+    ) -> Result<impl Stream<Item = Result<Incoming, BrokerError>> + use<>, BrokerError> {
+        let options = BasicConsumeOptions {
+            no_local: false,
+            // Manual acks: a message is acked only once all its outcomes are
+            // committed in the audit.
+            no_ack: false,
+            // Competing consumers: other daemons may consume the same queue.
+            exclusive: false,
+            nowait: false,
+        };
+        let consumer = self
+            .consume
+            .basic_consume(
+                queue.into(),
+                self.consumer_tag.as_str().into(),
+                options,
+                FieldTable::default(),
+            )
+            .await
+            .map_err(call("start consuming"))?;
+        Ok(futures_util::StreamExt::map(consumer, |d| {
+            d.map(Incoming::from).map_err(call("receive a delivery"))
+        }))
+    }
+
+    pub fn publish_channel(&self) -> Channel {
+        self.publish.clone()
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connection.status().connected() && self.consume.status().connected()
+    }
+
+    /// Stop deliveries; what was delivered and is not acked stays with us
+    /// until the channel closes.
+    pub async fn cancel_consumer(&self) {
+        if let Err(e) = self
+            .consume
+            .basic_cancel(
+                self.consumer_tag.as_str().into(),
+                BasicCancelOptions { nowait: false },
+            )
+            .await
+        {
+            tracing::debug!(error.cause_chain = %cause_chain(&e), "cancelling the consumer failed");
+        }
+    }
+
+    /// Close cleanly; unacked messages return to the queue.
+    pub async fn close(&self) {
+        for channel in [&self.consume, &self.publish] {
+            if channel.status().connected() {
+                let _ = channel.close(200, "shutdown".into()).await;
+            }
+        }
+        if self.connection.status().connected() {
+            let _ = self.connection.close(200, "shutdown".into()).await;
+        }
+    }
+}
+
+/// A delivered message.
+pub struct Incoming {
+    pub body: Vec<u8>,
+    pub message_id: Option<String>,
+    pub redelivered: bool,
+    acker: lapin::Acker,
+}
+
+impl From<lapin::message::Delivery> for Incoming {
+    fn from(d: lapin::message::Delivery) -> Self {
+        Self {
+            message_id: d.properties.message_id().as_ref().map(|m| m.to_string()),
+            redelivered: d.redelivered,
+            body: d.data,
+            acker: d.acker,
+        }
+    }
+}
+
+impl Incoming {
+    /// Ack on the channel the message came from. `false` if that channel is
+    /// gone: the broker will redeliver, and the audit's dedupe absorbs it.
+    pub async fn ack(&self) -> bool {
+        match self.acker.ack(BasicAckOptions { multiple: false }).await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(
+                    error.cause_chain = %cause_chain(&e),
+                    "could not ack a message (channel lost); it will be redelivered"
+                );
+                false
+            }
+        }
+    }
+}
+
+/// A header value of a dead letter.
+#[derive(Debug, Clone)]
+pub enum Header {
+    Text(String),
+    Int(i64),
+}
+
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub body: Vec<u8>,
+    pub content_type: &'static str,
+    pub headers: Vec<(&'static str, Header)>,
+}
+
+/// Publishes dead letters on whatever publish channel is current: the
+/// daemon swaps in a new one after every reconnect.
+#[derive(Clone)]
+pub struct DeadLetters {
+    channel: watch::Receiver<Option<Channel>>,
+    settings: AmqpSettings,
+}
+
+impl DeadLetters {
+    pub fn new(settings: AmqpSettings) -> (watch::Sender<Option<Channel>>, Self) {
+        let (tx, rx) = watch::channel(None);
+        (
+            tx,
+            Self {
+                channel: rx,
+                settings,
+            },
+        )
+    }
+
+    /// Publish until the broker confirms it, retrying across reconnects;
+    /// `false` only if `abort` fires first.
+    pub async fn publish(&self, letter: &DeadLetter, abort: &CancellationToken) -> bool {
+        let mut delay = Duration::from_millis(100);
+        let mut rx = self.channel.clone();
+        loop {
+            let channel = rx.borrow_and_update().clone();
+            if let Some(channel) = channel {
+                match self.publish_once(&channel, letter).await {
+                    Ok(()) => return true,
+                    Err(e) => tracing::warn!(
+                        error.cause_chain = %cause_chain(&e),
+                        queue = %self.settings.dead_letter_queue,
+                        "dead-letter publish failed; retrying"
+                    ),
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                _ = rx.changed() => {}
+                () = abort.cancelled() => return false,
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn publish_once(
+        &self,
+        channel: &Channel,
+        letter: &DeadLetter,
+    ) -> Result<(), BrokerError> {
+        let mut headers = FieldTable::default();
+        for (name, value) in &letter.headers {
+            let value = match value {
+                Header::Text(s) => text(s),
+                Header::Int(n) => AMQPValue::LongLongInt(*n),
+            };
+            headers.insert(ShortString::from(*name), value);
+        }
+        let properties = BasicProperties::default()
+            .with_content_type(letter.content_type.into())
+            .with_delivery_mode(2) // persistent
+            .with_headers(headers);
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                self.settings.dead_letter_queue.as_str().into(),
+                // Mandatory: an unroutable dead letter (queue deleted) comes
+                // back instead of vanishing.
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                &letter.body,
+                properties,
+            )
+            .await
+            .map_err(call("publish a dead letter"))?
+            .await
+            .map_err(call("await the publisher confirm"))?;
+        match confirm {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(_)) => {
+                // Declare it again so the next try can land.
+                declare_topology(channel, &self.settings).await?;
+                Err(BrokerError::NotConfirmed(
+                    "unroutable: the dead-letter queue was missing",
+                ))
+            }
+            Confirmation::Nack(_) => Err(BrokerError::NotConfirmed("nacked by the broker")),
+            Confirmation::NotRequested => Err(BrokerError::NotConfirmed("confirms not enabled")),
+        }
+    }
+}

@@ -1,0 +1,394 @@
+//! Command line and environment, validated before anything starts.
+//!
+//! Every setting is a flag with an environment fallback; an empty
+//! environment variable counts as unset. Values that carry secrets (the API
+//! token, and the broker and database URLs, which may hold passwords) are
+//! read as [`SecretString`] and checked here, so that no parse error, log
+//! line or `Debug` output can echo them.
+
+use crate::sandbox::SandboxArgs;
+use clap::{Args, Parser, Subcommand};
+use lapin::uri::AMQPUri;
+use secrecy::{ExposeSecret, SecretString};
+use sqlx::postgres::PgConnectOptions;
+use std::str::FromStr;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(name = "aom-terminator", version, about, args_override_self = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log format: `text` (human) or `json` (for log shippers).
+    #[arg(long, env = "LOG_FORMAT", default_value = "text", global = true)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: consume termination requests and audit every outcome.
+    Run(Box<RunArgs>),
+    /// Apply the audit schema migrations and exit.
+    Migrate(DatabaseArgs),
+    /// Serve a fake AOM terminate API for trials, tests and benchmarks.
+    Sandbox(SandboxArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// Postgres URL of the audit database.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
+        hide_env_values = true,
+        hide_default_value = true,
+        value_parser = secret
+    )]
+    pub database_url: SecretString,
+}
+
+impl DatabaseArgs {
+    pub fn connect_options(&self) -> Result<PgConnectOptions, ConfigError> {
+        let url = self.database_url.expose_secret();
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(ConfigError(
+                "DATABASE_URL must be a postgres:// or postgresql:// URL".to_owned(),
+            ));
+        }
+        PgConnectOptions::from_str(url)
+            .map_err(|e| ConfigError(format!("DATABASE_URL is not a valid postgres URL: {e}")))
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// AMQP URL of the broker (add `?heartbeat=N` to change the 10 s heartbeat).
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true,
+        hide_default_value = true,
+        value_parser = secret
+    )]
+    pub amqp_url: SecretString,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Base URL of the AOM API, e.g. https://aom.cn-north-4.myhuaweicloud.com
+    #[arg(long, env = "AOM_ENDPOINT")]
+    pub aom_endpoint: String,
+    /// IAM token sent as X-Auth-Token.
+    #[arg(long, env = "AOM_AUTH_TOKEN", hide_env_values = true, value_parser = secret)]
+    pub aom_auth_token: SecretString,
+    /// Queue the termination requests arrive on.
+    #[arg(
+        long,
+        env = "TERMINATE_QUEUE",
+        default_value = "aom.terminate.requests"
+    )]
+    pub terminate_queue: String,
+    /// Queue for requests whose retries ran out and for rejected messages.
+    #[arg(long, env = "DEAD_LETTER_QUEUE", default_value = "aom.terminate.dead")]
+    pub dead_letter_queue: String,
+    /// Deliveries of one message before the broker dead-letters it (x-delivery-limit).
+    #[arg(long, env = "DELIVERY_LIMIT", default_value_t = 20)]
+    pub delivery_limit: u32,
+    /// Most API calls in flight at once, across all messages.
+    #[arg(long, env = "CONCURRENCY", default_value_t = 64)]
+    pub concurrency: u32,
+    /// Most unacked messages held at once (default: CONCURRENCY).
+    #[arg(long, env = "PREFETCH")]
+    pub prefetch: Option<u16>,
+    /// Attempts per request, counting the first (401 answers do not count).
+    #[arg(long, env = "MAX_ATTEMPTS", default_value_t = 5)]
+    pub max_attempts: u32,
+    /// First retry delay cap; a number is milliseconds (`200`, `1s`).
+    #[arg(long, env = "BACKOFF_INITIAL_MS", default_value = "200", value_parser = millis)]
+    pub backoff_initial_ms: Duration,
+    /// Largest retry delay cap; a number is milliseconds.
+    #[arg(long, env = "BACKOFF_MAX_MS", default_value = "10000", value_parser = millis)]
+    pub backoff_max_ms: Duration,
+    /// Timeout of one API call; a number is milliseconds.
+    #[arg(long, env = "HTTP_TIMEOUT_MS", default_value = "10000", value_parser = millis)]
+    pub http_timeout_ms: Duration,
+    /// Time in-flight requests get to finish after SIGTERM; a number is seconds (`30`, `2m`).
+    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "30", value_parser = seconds)]
+    pub shutdown_grace: Duration,
+}
+
+/// Everything the daemon needs, checked.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub amqp: AmqpSettings,
+    pub database: DatabaseSettings,
+    pub endpoint: reqwest::Url,
+    pub token: SecretString,
+    pub concurrency: usize,
+    pub prefetch: u16,
+    pub max_attempts: u32,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub http_timeout: Duration,
+    pub shutdown_grace: Duration,
+}
+
+/// Broker settings. `uri` holds the password; its `Debug` is redacted.
+#[derive(Clone)]
+pub struct AmqpSettings {
+    pub uri: AMQPUri,
+    pub queue: String,
+    pub dead_letter_queue: String,
+    pub delivery_limit: u32,
+}
+
+impl std::fmt::Debug for AmqpSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpSettings")
+            .field("host", &self.uri.authority.host)
+            .field("port", &self.uri.authority.port)
+            .field("vhost", &self.uri.vhost)
+            .field("queue", &self.queue)
+            .field("dead_letter_queue", &self.dead_letter_queue)
+            .field("delivery_limit", &self.delivery_limit)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Audit database connection. `PgConnectOptions`'s own `Debug` shows the
+/// password; this one does not.
+#[derive(Clone)]
+pub struct DatabaseSettings(pub PgConnectOptions);
+
+impl std::fmt::Debug for DatabaseSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseSettings")
+            .field("host", &self.0.get_host())
+            .field("port", &self.0.get_port())
+            .field("database", &self.0.get_database())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A setting that is present but wrong; the message names the setting and
+/// never echoes a secret.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Heartbeat used when AMQP_URL does not set one: a dead connection is
+/// noticed within a few seconds instead of the broker's default minute.
+const DEFAULT_HEARTBEAT_SECS: u16 = 10;
+
+impl RunArgs {
+    pub fn validate(&self) -> Result<DaemonConfig, ConfigError> {
+        let err = |s: String| Err(ConfigError(s));
+        let mut uri = AMQPUri::from_str(self.amqp_url.expose_secret()).map_err(|_| {
+            // The parser's message repeats the URL, password included.
+            ConfigError("AMQP_URL is not a valid amqp:// or amqps:// URL".to_owned())
+        })?;
+        uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
+        let endpoint = match reqwest::Url::parse(self.aom_endpoint.trim()) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => u,
+            Ok(_) => return err("AOM_ENDPOINT must be an http:// or https:// URL".to_owned()),
+            Err(e) => return err(format!("AOM_ENDPOINT is not a valid URL: {e}")),
+        };
+        if !endpoint.username().is_empty() || endpoint.password().is_some() {
+            return err("AOM_ENDPOINT must not carry credentials".to_owned());
+        }
+        if endpoint.query().is_some() {
+            return err("AOM_ENDPOINT must not have a query string".to_owned());
+        }
+        let token = self.aom_auth_token.expose_secret();
+        if token.is_empty() || token.len() > 40960 {
+            return err("AOM_AUTH_TOKEN must be 1..40960 characters".to_owned());
+        }
+        if reqwest::header::HeaderValue::from_str(token).is_err() {
+            return err("AOM_AUTH_TOKEN contains characters not allowed in a header".to_owned());
+        }
+        for (name, value) in [
+            ("TERMINATE_QUEUE", &self.terminate_queue),
+            ("DEAD_LETTER_QUEUE", &self.dead_letter_queue),
+        ] {
+            if value.is_empty() || value.len() > 255 {
+                return err(format!("{name} must be 1..255 bytes"));
+            }
+        }
+        if self.terminate_queue == self.dead_letter_queue {
+            return err("TERMINATE_QUEUE and DEAD_LETTER_QUEUE must differ".to_owned());
+        }
+        if self.delivery_limit == 0 {
+            return err("DELIVERY_LIMIT must be at least 1".to_owned());
+        }
+        if !(1..=10_000).contains(&self.concurrency) {
+            return err("CONCURRENCY must be 1..10000".to_owned());
+        }
+        let prefetch = match self.prefetch {
+            Some(0) => return err("PREFETCH must be at least 1".to_owned()),
+            Some(p) => p,
+            None => u16::try_from(self.concurrency).unwrap_or(u16::MAX),
+        };
+        if self.max_attempts == 0 {
+            return err("MAX_ATTEMPTS must be at least 1".to_owned());
+        }
+        if self.backoff_initial_ms.is_zero() || self.backoff_initial_ms > self.backoff_max_ms {
+            return err("BACKOFF_INITIAL_MS must be above 0 and at most BACKOFF_MAX_MS".to_owned());
+        }
+        if self.http_timeout_ms.is_zero() {
+            return err("HTTP_TIMEOUT_MS must be above 0".to_owned());
+        }
+        Ok(DaemonConfig {
+            amqp: AmqpSettings {
+                uri,
+                queue: self.terminate_queue.clone(),
+                dead_letter_queue: self.dead_letter_queue.clone(),
+                delivery_limit: self.delivery_limit,
+            },
+            database: DatabaseSettings(self.database.connect_options()?),
+            endpoint,
+            token: self.aom_auth_token.clone(),
+            concurrency: self.concurrency as usize,
+            prefetch,
+            max_attempts: self.max_attempts,
+            backoff_initial: self.backoff_initial_ms,
+            backoff_max: self.backoff_max_ms,
+            http_timeout: self.http_timeout_ms,
+            shutdown_grace: self.shutdown_grace,
+        })
+    }
+}
+
+fn secret(s: &str) -> Result<SecretString, String> {
+    Ok(SecretString::from(s))
+}
+
+/// A duration where a plain number means `unit`; anything else is humantime.
+fn duration_with_unit(s: &str, unit: Duration) -> Result<Duration, String> {
+    let s = s.trim();
+    match s.parse::<u64>() {
+        Ok(n) => unit
+            .checked_mul(u32::try_from(n).map_err(|_| format!("{n} is too large"))?)
+            .ok_or_else(|| format!("{n} is too large")),
+        Err(_) => humantime::parse_duration(s).map_err(|e| e.to_string()),
+    }
+}
+
+pub fn millis(s: &str) -> Result<Duration, String> {
+    duration_with_unit(s, Duration::from_millis(1))
+}
+
+pub fn seconds(s: &str) -> Result<Duration, String> {
+    duration_with_unit(s, Duration::from_secs(1))
+}
+
+/// A clap error as the one line the operator needs: the error itself and
+/// what it is about, without usage text.
+pub fn one_line(err: &clap::Error) -> String {
+    let rendered = err.render().to_string();
+    let mut line = rendered
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(" ");
+    if line.is_empty() {
+        line = "error: invalid command line".to_owned();
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(extra: &[&str]) -> Result<RunArgs, clap::Error> {
+        let mut argv = vec![
+            "aom-terminator",
+            "run",
+            "--aom-endpoint",
+            "https://aom.example.com",
+            "--aom-auth-token",
+            "tok",
+        ];
+        argv.extend_from_slice(extra);
+        let cli = Cli::try_parse_from(argv)?;
+        match cli.command {
+            Command::Run(args) => Ok(*args),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_validate() {
+        let cfg = run_args(&[]).expect("parses").validate().expect("valid");
+        assert_eq!(cfg.concurrency, 64);
+        assert_eq!(cfg.prefetch, 64, "PREFETCH defaults to CONCURRENCY");
+        assert_eq!(cfg.max_attempts, 5);
+        assert_eq!(cfg.backoff_initial, Duration::from_millis(200));
+        assert_eq!(cfg.backoff_max, Duration::from_secs(10));
+        assert_eq!(cfg.http_timeout, Duration::from_secs(10));
+        assert_eq!(cfg.shutdown_grace, Duration::from_secs(30));
+        assert_eq!(cfg.amqp.queue, "aom.terminate.requests");
+        assert_eq!(cfg.amqp.dead_letter_queue, "aom.terminate.dead");
+        assert_eq!(cfg.amqp.uri.query.heartbeat, Some(DEFAULT_HEARTBEAT_SECS));
+    }
+
+    #[test]
+    fn durations_take_numbers_or_humantime() {
+        assert_eq!(seconds("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(seconds("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(millis("250"), Ok(Duration::from_millis(250)));
+        assert_eq!(millis("1s"), Ok(Duration::from_secs(1)));
+        assert!(seconds("soon").is_err());
+    }
+
+    #[test]
+    fn bad_values_are_named_and_secrets_are_not_echoed() {
+        let error = |extra: &[&str]| {
+            run_args(extra)
+                .expect("parses")
+                .validate()
+                .expect_err("must be refused")
+                .0
+        };
+        let msg = error(&["--amqp-url", "nonsense://user:hunter2@h"]);
+        assert!(msg.contains("AMQP_URL"), "{msg}");
+        assert!(!msg.contains("hunter2"), "{msg}");
+        assert!(error(&["--concurrency", "0"]).contains("CONCURRENCY"));
+        assert!(error(&["--backoff-initial-ms", "20000"]).contains("BACKOFF_INITIAL_MS"));
+        assert!(error(&["--aom-endpoint", "ftp://x"]).contains("AOM_ENDPOINT"));
+        assert!(error(&["--database-url", "mysql://x"]).contains("DATABASE_URL"));
+
+        let cfg = run_args(&[
+            "--aom-auth-token",
+            "s3cr3t-token",
+            "--database-url",
+            "postgres://u:pgpass@db/x",
+        ])
+        .expect("parses")
+        .validate()
+        .expect("valid");
+        let debug = format!("{cfg:?}");
+        assert!(debug.contains("aom.example.com"), "{debug}");
+        assert!(
+            !debug.contains("s3cr3t-token") && !debug.contains("guest:guest"),
+            "{debug}"
+        );
+        assert!(!debug.contains("pgpass"), "{debug}");
+    }
+
+    #[test]
+    fn clap_errors_fold_to_one_line() {
+        let err = Cli::try_parse_from(["aom-terminator", "run"]).expect_err("missing settings");
+        let line = one_line(&err);
+        assert!(line.starts_with("error:"), "{line}");
+        assert!(line.contains("--aom-endpoint"), "{line}");
+        assert!(!line.contains('\n'));
+    }
+}

@@ -1,0 +1,198 @@
+//! The daemon: wires the parts together, supervises the broker session,
+//! and shuts down at a safe point.
+//!
+//! Shutdown has two steps. `stop` (the signal): no new messages, no new
+//! requests; in-flight requests go on. `abort` (`SHUTDOWN_GRACE` later):
+//! whatever has not finished is left unacked for the broker to redeliver.
+
+use crate::api::TerminateClient;
+use crate::audit::{Audit, AuditWriter, until_done};
+use crate::broker::{DeadLetters, Session};
+use crate::config::DaemonConfig;
+use crate::dispatch::Dispatcher;
+use crate::pipeline::{InFlight, Pipeline};
+use crate::retry::RetryPolicy;
+use crate::telemetry::cause_chain;
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures_util::StreamExt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// How often the supervisor checks that the connection is still alive (the
+/// heartbeat notices a dead peer; this notices that lapin has noticed).
+const LIVENESS_CHECK: Duration = Duration::from_secs(2);
+
+/// Run until `shutdown` resolves, then stop cleanly. Errors only on what
+/// retrying cannot fix.
+pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let stop = CancellationToken::new();
+    let abort = CancellationToken::new();
+    let grace = cfg.shutdown_grace;
+    let signal = {
+        let (stop, abort) = (stop.clone(), abort.clone());
+        async move {
+            shutdown.await;
+            tracing::info!(
+                grace_s = grace.as_secs(),
+                "shutdown requested: finishing in-flight requests"
+            );
+            stop.cancel();
+            tokio::time::sleep(grace).await;
+            tracing::warn!("shutdown grace is over: leaving unfinished requests unacked");
+            abort.cancel();
+        }
+    };
+    // The signal branch never completes: after the grace it only cancels
+    // `abort`, and `serve` then winds down.
+    tokio::select! {
+        result = serve(cfg, stop.clone(), abort.clone()) => result,
+        () = async { signal.await; std::future::pending::<()>().await } => Ok(()),
+    }
+}
+
+async fn serve(
+    cfg: DaemonConfig,
+    stop: CancellationToken,
+    abort: CancellationToken,
+) -> anyhow::Result<()> {
+    let audit = Audit::new(cfg.database.0.clone(), 10);
+    if until_done("audit migrations", &stop, || audit.migrate())
+        .await
+        .is_none()
+    {
+        return Ok(());
+    }
+    let client =
+        TerminateClient::new(&cfg.endpoint, &cfg.token, cfg.http_timeout, cfg.concurrency)?;
+    let policy = RetryPolicy {
+        initial: cfg.backoff_initial,
+        max: cfg.backoff_max,
+        max_attempts: cfg.max_attempts,
+    };
+    let (writer, writer_task) = AuditWriter::spawn(audit.clone(), abort.clone());
+    let (publish_channel, dead_letters) = DeadLetters::new(cfg.amqp.clone());
+    let pipeline = Arc::new(Pipeline {
+        dispatcher: Dispatcher::new(client, policy, cfg.concurrency, stop.clone(), abort.clone()),
+        writer,
+        audit,
+        dead_letters,
+        in_flight: InFlight::default(),
+        concurrency: cfg.concurrency,
+        source_queue: cfg.amqp.queue.clone(),
+        abort: abort.clone(),
+    });
+    let tasks = TaskTracker::new();
+    tracing::info!(
+        queue = %cfg.amqp.queue,
+        dead_letter_queue = %cfg.amqp.dead_letter_queue,
+        endpoint = %cfg.endpoint,
+        concurrency = cfg.concurrency,
+        prefetch = cfg.prefetch,
+        "aom-terminator running"
+    );
+
+    let mut reconnect = reconnect_backoff();
+    let mut sessions = Vec::new();
+    while !stop.is_cancelled() {
+        let session = tokio::select! {
+            s = Session::open(&cfg.amqp, cfg.prefetch) => s,
+            () = stop.cancelled() => break,
+        };
+        let session = match session {
+            Ok(s) => s,
+            Err(e) => {
+                let delay = reconnect.next().unwrap_or(Duration::from_secs(30));
+                tracing::warn!(
+                    error.cause_chain = %cause_chain(&e),
+                    retry_in_ms = delay.as_millis() as u64,
+                    "broker unavailable; retrying"
+                );
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => continue,
+                    () = stop.cancelled() => break,
+                }
+            }
+        };
+        publish_channel.send_replace(Some(session.publish_channel()));
+        match consume(&session, &cfg, &pipeline, &tasks, &stop).await {
+            Ok(()) if stop.is_cancelled() => {}
+            Ok(()) => {
+                reconnect = reconnect_backoff();
+                tracing::warn!("broker session ended; reconnecting");
+            }
+            Err(e) => tracing::warn!(
+                error.cause_chain = %cause_chain(e.as_ref()),
+                "broker session failed; reconnecting"
+            ),
+        }
+        // Keep the session (and its channels) until shutdown: in-flight
+        // work from it may still ack on it if it is alive after all.
+        sessions.push(session);
+        sessions.retain(Session::is_connected);
+    }
+
+    // Safe point: nothing new starts; wait for what is in flight (bounded
+    // by `abort`), then let the writer drain, then close the broker.
+    for s in &sessions {
+        s.cancel_consumer().await;
+    }
+    tasks.close();
+    tasks.wait().await;
+    drop(pipeline);
+    if let Err(e) = writer_task.await {
+        tracing::error!(error = %e, "audit writer ended abnormally");
+    }
+    for s in &sessions {
+        s.close().await;
+    }
+    tracing::info!("aom-terminator stopped");
+    Ok(())
+}
+
+fn reconnect_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(30))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Take messages until shutdown (`Ok`), or until the session dies (`Err`
+/// or `Ok` after the stream ended).
+async fn consume(
+    session: &Session,
+    cfg: &DaemonConfig,
+    pipeline: &Arc<Pipeline>,
+    tasks: &TaskTracker,
+    stop: &CancellationToken,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let mut deliveries = Box::pin(session.consume(&cfg.amqp.queue).await?);
+    let mut liveness = tokio::time::interval(LIVENESS_CHECK);
+    loop {
+        // Paused on 401: take nothing new until the credentials work.
+        if !pipeline.dispatcher.gate.wait_open(stop).await {
+            return Ok(());
+        }
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return Ok(()),
+            _ = liveness.tick() => {
+                if !session.is_connected() {
+                    return Err("the broker connection is gone".into());
+                }
+            }
+            next = deliveries.next() => match next {
+                Some(Ok(message)) => {
+                    let pipeline = Arc::clone(pipeline);
+                    tasks.spawn(async move { pipeline.handle(message).await });
+                }
+                Some(Err(e)) => return Err(Box::new(e)),
+                None => return Ok(()),
+            },
+        }
+    }
+}

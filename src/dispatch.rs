@@ -1,0 +1,241 @@
+//! One request through its attempts to an outcome, with at most
+//! `CONCURRENCY` API calls in flight across the whole daemon, and the 401
+//! pause that keeps bad credentials from failing anybody's request.
+
+use crate::api::{Attempt, TerminateClient, Verdict};
+use crate::domain::{Outcome, TerminationRequest};
+use crate::retry::{ProbeSchedule, RetryPolicy};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+
+/// Where a request ended.
+#[derive(Debug)]
+pub struct Dispatched {
+    /// Every attempt made, in order (401 answers included).
+    pub attempts: Vec<Attempt>,
+    /// `None` when shutdown cut it short: the request stays unacked.
+    pub outcome: Option<Outcome>,
+}
+
+#[derive(Debug)]
+pub struct Dispatcher {
+    client: TerminateClient,
+    policy: RetryPolicy,
+    calls: Arc<Semaphore>,
+    pub gate: AuthGate,
+    /// Soft stop: requests that have not made their first call stay unsent.
+    stop: CancellationToken,
+    /// Hard stop: the shutdown grace is over; whatever is in flight is left.
+    abort: CancellationToken,
+}
+
+impl Dispatcher {
+    pub fn new(
+        client: TerminateClient,
+        policy: RetryPolicy,
+        concurrency: usize,
+        stop: CancellationToken,
+        abort: CancellationToken,
+    ) -> Self {
+        Self {
+            client,
+            policy,
+            calls: Arc::new(Semaphore::new(concurrency)),
+            gate: AuthGate::new(),
+            stop,
+            abort,
+        }
+    }
+
+    /// Attempts until a final verdict, attempts run out, or shutdown.
+    pub async fn dispatch(&self, req: &TerminationRequest) -> Dispatched {
+        let mut attempts = Vec::new();
+        let mut counted = 0u32;
+        let unfinished = |attempts| Dispatched {
+            attempts,
+            outcome: None,
+        };
+        if self.stop.is_cancelled() {
+            return unfinished(attempts);
+        }
+        let mut probed = None;
+        loop {
+            let attempt = match probed.take() {
+                Some(answer) => answer,
+                None => {
+                    if !self.gate.wait_open(&self.abort).await {
+                        return unfinished(attempts);
+                    }
+                    match self.call(req).await {
+                        Some(answer) => answer,
+                        None => return unfinished(attempts),
+                    }
+                }
+            };
+            let verdict = attempt.verdict;
+            attempts.push(attempt);
+            match verdict {
+                Verdict::Succeeded => return finished(attempts, Outcome::Succeeded),
+                Verdict::Permanent => return finished(attempts, Outcome::FailedPermanent),
+                Verdict::Retryable { retry_after } => {
+                    counted += 1;
+                    let Some(delay) = self.policy.delay(counted, retry_after, fastrand::f64())
+                    else {
+                        return finished(attempts, Outcome::FailedRetriesExhausted);
+                    };
+                    tracing::debug!(
+                        request_id = %req.request_id,
+                        workflow_id = %req.workflow_id,
+                        execution_id = %req.execution_id,
+                        attempt = attempts.len(),
+                        delay_ms = delay.as_millis() as u64,
+                        "retryable answer; backing off"
+                    );
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = self.abort.cancelled() => return unfinished(attempts),
+                    }
+                }
+                Verdict::Unauthorized => {
+                    // Not counted: the credentials are wrong, not the request.
+                    match self.probe_until_authorized(req, &mut attempts).await {
+                        Probe::Aborted => return unfinished(attempts),
+                        Probe::Reopened => {}
+                        Probe::Answered(answer) => probed = Some(answer),
+                    }
+                }
+            }
+        }
+    }
+
+    /// One API call under a concurrency permit; `None` on hard stop.
+    async fn call(&self, req: &TerminationRequest) -> Option<Attempt> {
+        let work = async {
+            let _permit = self.calls.acquire().await.ok()?;
+            Some(self.client.terminate(req).await)
+        };
+        tokio::select! {
+            attempt = work => attempt,
+            () = self.abort.cancelled() => None,
+        }
+    }
+
+    /// Called after a 401. Takes its turn as the single prober: waits the
+    /// probe delay and retries this request, until an answer is not 401 (a
+    /// verdict on the request, returned to be classified) or somebody else's
+    /// probe has reopened the gate.
+    async fn probe_until_authorized(
+        &self,
+        req: &TerminationRequest,
+        attempts: &mut Vec<Attempt>,
+    ) -> Probe {
+        self.gate.close();
+        loop {
+            let _turn = tokio::select! {
+                turn = self.gate.probe_turn.lock() => turn,
+                () = self.abort.cancelled() => return Probe::Aborted,
+            };
+            if self.gate.is_open() {
+                return Probe::Reopened;
+            }
+            let delay = self.gate.schedule().current();
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = self.abort.cancelled() => return Probe::Aborted,
+            }
+            let Some(attempt) = self.call(req).await else {
+                return Probe::Aborted;
+            };
+            if attempt.verdict != Verdict::Unauthorized {
+                self.gate.open();
+                return Probe::Answered(attempt);
+            }
+            self.gate.probe_failed();
+            attempts.push(attempt);
+        }
+    }
+}
+
+enum Probe {
+    Aborted,
+    Reopened,
+    Answered(Attempt),
+}
+
+fn finished(attempts: Vec<Attempt>, outcome: Outcome) -> Dispatched {
+    Dispatched {
+        attempts,
+        outcome: Some(outcome),
+    }
+}
+
+/// Open while the credentials work. Closed by a 401: no new messages are
+/// taken, no new calls start, and one request at a time probes the API,
+/// 1 s apart at first, growing to 30 s.
+#[derive(Debug)]
+pub struct AuthGate {
+    open: watch::Sender<bool>,
+    probe_turn: tokio::sync::Mutex<()>,
+    schedule: Mutex<ProbeSchedule>,
+}
+
+impl AuthGate {
+    fn new() -> Self {
+        Self {
+            open: watch::Sender::new(true),
+            probe_turn: tokio::sync::Mutex::new(()),
+            schedule: Mutex::new(ProbeSchedule::new()),
+        }
+    }
+
+    pub fn is_open(&self) -> bool {
+        *self.open.borrow()
+    }
+
+    /// Wait until the gate is open; `false` if `cancel` fires first.
+    pub async fn wait_open(&self, cancel: &CancellationToken) -> bool {
+        let mut rx = self.open.subscribe();
+        tokio::select! {
+            open = rx.wait_for(|open| *open) => open.is_ok(),
+            () = cancel.cancelled() => false,
+        }
+    }
+
+    fn close(&self) {
+        let was_open = self.open.send_replace(false);
+        if was_open {
+            tracing::error!(
+                "the AOM API answered 401: the credentials are wrong or expired. \
+                 Pausing: no new messages are taken, affected requests stay unacked, \
+                 and the API is probed until it accepts them"
+            );
+        }
+    }
+
+    fn open(&self) {
+        self.lock_schedule().reset();
+        if !self.open.send_replace(true) {
+            tracing::info!("the AOM API accepts the credentials again; resuming");
+        }
+    }
+
+    fn probe_failed(&self) {
+        let mut s = self.lock_schedule();
+        s.failed();
+        tracing::warn!(
+            next_probe_in_s = s.current().as_secs(),
+            "still paused: the AOM API answers 401"
+        );
+    }
+
+    fn schedule(&self) -> ProbeSchedule {
+        *self.lock_schedule()
+    }
+
+    fn lock_schedule(&self) -> std::sync::MutexGuard<'_, ProbeSchedule> {
+        // The schedule is two numbers; a panic elsewhere cannot leave it
+        // half-written, so a poisoned lock is still good to use.
+        self.schedule.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}

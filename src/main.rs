@@ -1,0 +1,98 @@
+//! The `aom-terminator` binary: parse the command line, start logging, run
+//! the chosen subcommand until a signal.
+
+use aom_terminator::audit::Audit;
+use aom_terminator::config::{Cli, Command, one_line};
+use aom_terminator::{daemon, sandbox, telemetry};
+use clap::Parser;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    // One crypto provider for every TLS user (reqwest, lapin), chosen before
+    // any connection; an error only means it is already installed.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help, --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("{}", one_line(&e));
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init(cli.log_format);
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let result = match cli.command {
+            Command::Run(args) => match args.validate() {
+                Ok(cfg) => daemon::run(cfg, shutdown_signal()).await,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            },
+            Command::Migrate(args) => match args.connect_options() {
+                Ok(options) => Audit::new(options, 1)
+                    .migrate()
+                    .await
+                    .map(|()| tracing::info!("audit schema is up to date"))
+                    .map_err(anyhow::Error::from),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            },
+            Command::Sandbox(args) => sandbox::run(args, shutdown_signal()).await,
+        };
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error.cause_chain = ?e, "{e}");
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// SIGTERM or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
