@@ -4,7 +4,7 @@
 use aom_terminator::audit::Audit;
 use aom_terminator::config::{Cli, Command, one_line};
 use aom_terminator::{daemon, sandbox, telemetry};
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -12,6 +12,7 @@ fn main() -> ExitCode {
     // any connection; an error only means it is already installed.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 
+    unset_empty_settings();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
@@ -67,6 +68,28 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// An empty environment variable counts as unset (clap would read it as an
+/// empty value): remove every empty one that a setting reads.
+fn unset_empty_settings() {
+    let command = Cli::command();
+    let mut names = Vec::new();
+    let mut pending = vec![&command];
+    while let Some(cmd) = pending.pop() {
+        names.extend(
+            cmd.get_arguments()
+                .filter_map(|a| a.get_env().map(|e| e.to_owned())),
+        );
+        pending.extend(cmd.get_subcommands());
+    }
+    for name in names {
+        if std::env::var_os(&name).is_some_and(|v| v.is_empty()) {
+            // SAFETY: called first thing in `main`, before any other thread
+            // exists, so nothing can read the environment concurrently.
+            unsafe { std::env::remove_var(&name) };
+        }
+    }
 }
 
 /// SIGTERM or SIGINT (Ctrl-C).
