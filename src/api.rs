@@ -1,13 +1,13 @@
 //! The AOM terminate client: builds the request, sends it once, and
 //! classifies the answer. Retrying is the dispatcher's job.
 
+use crate::auth::{Auth, AuthError, AuthSettings, CallInfo};
 use crate::domain::{TerminationRequest, truncate};
 use crate::telemetry::cause_chain;
 use chrono::{DateTime, Utc};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
 use reqwest::{StatusCode, Url};
-use secrecy::{ExposeSecret, SecretString};
 use std::time::{Duration, Instant, SystemTime};
 
 /// RFC 3986 path segment: everything but the unreserved characters is
@@ -22,11 +22,14 @@ const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
 const BODY_EXCERPT_CHARS: usize = 512;
 /// How much of an answer's body is read at all.
 const BODY_READ_LIMIT: usize = 64 * 1024;
+const JSON: &str = "application/json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("cannot build the HTTP client")]
     Client(#[source] reqwest::Error),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
 }
 
 /// What one attempt means for its request.
@@ -81,13 +84,15 @@ pub struct Attempt {
     pub error_msg: Option<String>,
     pub body_excerpt: Option<String>,
     pub verdict: Verdict,
+    /// Which credential the call carried (see [`Auth::rejected`]).
+    pub auth_generation: u64,
 }
 
 #[derive(Clone)]
 pub struct TerminateClient {
     http: reqwest::Client,
     base: String,
-    token: HeaderValue,
+    auth: Auth,
 }
 
 impl std::fmt::Debug for TerminateClient {
@@ -103,7 +108,7 @@ impl TerminateClient {
     /// concurrency, so that a steady load never reconnects.
     pub fn new(
         endpoint: &Url,
-        token: &SecretString,
+        auth: &AuthSettings,
         timeout: Duration,
         pool: usize,
     ) -> Result<Self, ApiError> {
@@ -118,15 +123,11 @@ impl TerminateClient {
             .tcp_nodelay(true)
             .build()
             .map_err(ApiError::Client)?;
-        // Validated by config; a value that still fails becomes an empty
-        // header, which the API answers with 401 and the daemon pauses on.
-        let mut token = HeaderValue::from_str(token.expose_secret())
-            .unwrap_or_else(|_| HeaderValue::from_static(""));
-        token.set_sensitive(true);
+        let auth = Auth::new(auth, http.clone())?;
         Ok(Self {
             http,
             base: endpoint.as_str().trim_end_matches('/').to_owned(),
-            token,
+            auth,
         })
     }
 
@@ -140,17 +141,36 @@ impl TerminateClient {
         )
     }
 
-    /// One attempt. Never fails: a network error is an attempt too.
-    pub async fn terminate(&self, req: &TerminationRequest) -> Attempt {
+    pub fn auth(&self) -> &Auth {
+        &self.auth
+    }
+
+    /// One attempt. A network error is an attempt too; only a credential
+    /// that cannot be had (IAM refusing, say) fails, and no call is made.
+    pub async fn terminate(&self, req: &TerminationRequest) -> Result<Attempt, AuthError> {
+        let url = self.url_for(req);
+        let parsed = Url::parse(&url)
+            .map_err(|e| AuthError::Request(format!("cannot build the URL: {e}")))?;
+        let credential = self
+            .auth
+            .credential(&CallInfo {
+                method: "POST",
+                url: &parsed,
+                project_id: req.project_id.as_str(),
+                content_type: JSON,
+                body: b"",
+            })
+            .await?;
+        let mut call = self
+            .http
+            .post(parsed)
+            .header(CONTENT_TYPE, HeaderValue::from_static(JSON));
+        for (name, value) in credential.headers {
+            call = call.header(name, value);
+        }
         let started_at = Utc::now();
         let clock = Instant::now();
-        let sent = self
-            .http
-            .post(self.url_for(req))
-            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-            .header("X-Auth-Token", self.token.clone())
-            .send()
-            .await;
+        let sent = call.send().await;
         let answer = match sent {
             Ok(mut resp) => {
                 let status = resp.status();
@@ -163,12 +183,14 @@ impl TerminateClient {
             Err(e) => Err(e),
         };
         let latency = clock.elapsed();
-        match answer {
+        let mut attempt = match answer {
             Ok((status, headers, body)) => {
                 classify_answer(status, &headers, &body, started_at, latency)
             }
             Err(e) => classify_transport_error(&e, started_at, latency),
-        }
+        };
+        attempt.auth_generation = credential.generation;
+        Ok(attempt)
     }
 }
 
@@ -230,6 +252,7 @@ pub fn classify_answer(
         error_msg,
         body_excerpt,
         verdict,
+        auth_generation: 0,
     }
 }
 
@@ -280,6 +303,7 @@ fn classify_transport_error(
         error_msg: Some(truncate(&cause_chain(err), 1024).to_owned()),
         body_excerpt: None,
         verdict: Verdict::Retryable { retry_after: None },
+        auth_generation: 0,
     }
 }
 
@@ -383,7 +407,7 @@ mod tests {
     fn ids_are_percent_encoded_path_segments() {
         let client = TerminateClient::new(
             &Url::parse("https://aom.example.com/prefix/").expect("url"),
-            &SecretString::from("t"),
+            &AuthSettings::Token(secrecy::SecretString::from("t")),
             Duration::from_secs(1),
             1,
         )

@@ -6,11 +6,13 @@
 //! read as [`SecretString`] and checked here, so that no parse error, log
 //! line or `Debug` output can echo them.
 
+use crate::auth::{AkSkSettings, AuthSettings, IamSettings, ProjectScope};
 use crate::sandbox::SandboxArgs;
 use clap::{Args, Parser, Subcommand};
 use lapin::uri::AMQPUri;
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::postgres::PgConnectOptions;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -84,9 +86,8 @@ pub struct RunArgs {
     /// Base URL of the AOM API, e.g. https://aom.cn-north-4.myhuaweicloud.com
     #[arg(long, env = "AOM_ENDPOINT")]
     pub aom_endpoint: String,
-    /// IAM token sent as X-Auth-Token.
-    #[arg(long, env = "AOM_AUTH_TOKEN", hide_env_values = true, value_parser = secret)]
-    pub aom_auth_token: SecretString,
+    #[command(flatten)]
+    pub auth: AuthArgs,
     /// Queue the termination requests arrive on.
     #[arg(
         long,
@@ -123,13 +124,184 @@ pub struct RunArgs {
     pub shutdown_grace: Duration,
 }
 
+/// Authentication: exactly one of a token (or token file), the IAM
+/// password settings, or an AK/SK pair.
+#[derive(Debug, Clone, Args)]
+pub struct AuthArgs {
+    /// Token sent as X-Auth-Token.
+    #[arg(long, env = "AOM_AUTH_TOKEN", hide_env_values = true, value_parser = secret)]
+    pub aom_auth_token: Option<SecretString>,
+    /// File holding the token; re-read when it changes (a mounted secret).
+    #[arg(long, env = "AOM_AUTH_TOKEN_FILE")]
+    pub aom_auth_token_file: Option<PathBuf>,
+    /// IAM endpoint, e.g. https://iam.cn-north-4.myhuaweicloud.com
+    #[arg(long, env = "IAM_ENDPOINT")]
+    pub iam_endpoint: Option<String>,
+    /// IAM user name.
+    #[arg(long, env = "IAM_USER")]
+    pub iam_user: Option<String>,
+    /// IAM user password.
+    #[arg(long, env = "IAM_PASSWORD", hide_env_values = true, value_parser = secret)]
+    pub iam_password: Option<SecretString>,
+    /// IAM domain (account) name.
+    #[arg(long, env = "IAM_DOMAIN")]
+    pub iam_domain: Option<String>,
+    /// Project scope by name (e.g. cn-north-4).
+    #[arg(long, env = "IAM_PROJECT_NAME")]
+    pub iam_project_name: Option<String>,
+    /// Project scope by id.
+    #[arg(long, env = "IAM_PROJECT_ID")]
+    pub iam_project_id: Option<String>,
+    /// Renew the IAM token when less than this is left (`1h`, `600`).
+    #[arg(long, env = "IAM_RENEW_BEFORE", default_value = "1h", value_parser = seconds)]
+    pub iam_renew_before: Duration,
+    /// Access key for AK/SK signing.
+    #[arg(long, env = "CLOUD_SDK_AK", hide_env_values = true, value_parser = secret)]
+    pub cloud_sdk_ak: Option<SecretString>,
+    /// Secret key for AK/SK signing.
+    #[arg(long, env = "CLOUD_SDK_SK", hide_env_values = true, value_parser = secret)]
+    pub cloud_sdk_sk: Option<SecretString>,
+    /// Security token of temporary AK/SK credentials (sent as X-Security-Token).
+    #[arg(long, env = "CLOUD_SDK_SECURITY_TOKEN", hide_env_values = true, value_parser = secret)]
+    pub cloud_sdk_security_token: Option<SecretString>,
+    #[arg(long, env = "HUAWEICLOUD_SDK_AK", hide = true, value_parser = secret)]
+    pub huaweicloud_sdk_ak: Option<SecretString>,
+    #[arg(long, env = "HUAWEICLOUD_SDK_SK", hide = true, value_parser = secret)]
+    pub huaweicloud_sdk_sk: Option<SecretString>,
+    #[arg(long, env = "HUAWEICLOUD_SDK_SECURITY_TOKEN", hide = true, value_parser = secret)]
+    pub huaweicloud_sdk_security_token: Option<SecretString>,
+}
+
+impl AuthArgs {
+    pub fn validate(&self) -> Result<AuthSettings, ConfigError> {
+        let err = |s: String| Err(ConfigError(s));
+        let ak = self
+            .cloud_sdk_ak
+            .as_ref()
+            .or(self.huaweicloud_sdk_ak.as_ref());
+        let sk = self
+            .cloud_sdk_sk
+            .as_ref()
+            .or(self.huaweicloud_sdk_sk.as_ref());
+        let security_token = self
+            .cloud_sdk_security_token
+            .as_ref()
+            .or(self.huaweicloud_sdk_security_token.as_ref());
+        let iam_set = self.iam_endpoint.is_some()
+            || self.iam_user.is_some()
+            || self.iam_password.is_some()
+            || self.iam_domain.is_some()
+            || self.iam_project_name.is_some()
+            || self.iam_project_id.is_some();
+        let modes: Vec<&str> = [
+            (self.aom_auth_token.is_some(), "AOM_AUTH_TOKEN"),
+            (self.aom_auth_token_file.is_some(), "AOM_AUTH_TOKEN_FILE"),
+            (iam_set, "IAM_*"),
+            (
+                ak.is_some() || sk.is_some() || security_token.is_some(),
+                "CLOUD_SDK_AK/SK",
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(set, name)| set.then_some(name))
+        .collect();
+        match modes.as_slice() {
+            [] => err(
+                "no authentication configured: set AOM_AUTH_TOKEN, AOM_AUTH_TOKEN_FILE, \
+                 the IAM_* settings, or CLOUD_SDK_AK and CLOUD_SDK_SK"
+                    .to_owned(),
+            ),
+            [_] => self.settings(ak, sk, security_token),
+            several => err(format!(
+                "conflicting authentication settings: {} are all set; configure exactly one way",
+                several.join(", ")
+            )),
+        }
+    }
+
+    fn settings(
+        &self,
+        ak: Option<&SecretString>,
+        sk: Option<&SecretString>,
+        security_token: Option<&SecretString>,
+    ) -> Result<AuthSettings, ConfigError> {
+        let err = |s: &str| Err(ConfigError(s.to_owned()));
+        if let Some(token) = &self.aom_auth_token {
+            let t = token.expose_secret();
+            if t.is_empty() || t.len() > 40960 {
+                return err("AOM_AUTH_TOKEN must be 1..40960 characters");
+            }
+            if reqwest::header::HeaderValue::from_str(t).is_err() {
+                return err("AOM_AUTH_TOKEN contains characters not allowed in a header");
+            }
+            return Ok(AuthSettings::Token(token.clone()));
+        }
+        if let Some(path) = &self.aom_auth_token_file {
+            // Read once now, so that a wrong path is a start-up error.
+            crate::auth::TokenSource::file(path)
+                .map_err(|e| ConfigError(format!("AOM_AUTH_TOKEN_FILE: {e}")))?;
+            return Ok(AuthSettings::TokenFile(path.clone()));
+        }
+        if let (Some(ak), Some(sk)) = (ak, sk) {
+            let access_key = ak.expose_secret().trim().to_owned();
+            if access_key.is_empty() || sk.expose_secret().is_empty() {
+                return err("CLOUD_SDK_AK and CLOUD_SDK_SK must not be empty");
+            }
+            return Ok(AuthSettings::AkSk(AkSkSettings {
+                access_key,
+                secret_key: sk.clone(),
+                security_token: security_token.cloned(),
+            }));
+        }
+        if ak.is_some() || sk.is_some() || security_token.is_some() {
+            return err("AK/SK signing needs both CLOUD_SDK_AK and CLOUD_SDK_SK");
+        }
+        let required = |v: &Option<String>, name: &str| match v.as_deref().map(str::trim) {
+            Some(s) if !s.is_empty() => Ok(s.to_owned()),
+            _ => Err(ConfigError(format!("IAM authentication needs {name}"))),
+        };
+        let endpoint = required(&self.iam_endpoint, "IAM_ENDPOINT")?;
+        let endpoint = match reqwest::Url::parse(&endpoint) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => u,
+            _ => return err("IAM_ENDPOINT must be an http:// or https:// URL"),
+        };
+        let password = match &self.iam_password {
+            Some(p) if !p.expose_secret().is_empty() => p.clone(),
+            _ => return err("IAM authentication needs IAM_PASSWORD"),
+        };
+        let project = match (&self.iam_project_name, &self.iam_project_id) {
+            (Some(_), Some(_)) => {
+                return err("set IAM_PROJECT_NAME or IAM_PROJECT_ID, not both");
+            }
+            (Some(name), None) => {
+                ProjectScope::Name(required(&Some(name.clone()), "IAM_PROJECT_NAME")?)
+            }
+            (None, Some(id)) => ProjectScope::Id(required(&Some(id.clone()), "IAM_PROJECT_ID")?),
+            (None, None) => {
+                return err("IAM authentication needs IAM_PROJECT_NAME or IAM_PROJECT_ID");
+            }
+        };
+        if self.iam_renew_before.is_zero() {
+            return err("IAM_RENEW_BEFORE must be above 0");
+        }
+        Ok(AuthSettings::Iam(IamSettings {
+            endpoint,
+            user: required(&self.iam_user, "IAM_USER")?,
+            password,
+            domain: required(&self.iam_domain, "IAM_DOMAIN")?,
+            project,
+            renew_before: self.iam_renew_before,
+        }))
+    }
+}
+
 /// Everything the daemon needs, checked.
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
     pub amqp: AmqpSettings,
     pub database: DatabaseSettings,
     pub endpoint: reqwest::Url,
-    pub token: SecretString,
+    pub auth: AuthSettings,
     pub concurrency: usize,
     pub prefetch: u16,
     pub max_attempts: u32,
@@ -205,13 +377,7 @@ impl RunArgs {
         if endpoint.query().is_some() {
             return err("AOM_ENDPOINT must not have a query string".to_owned());
         }
-        let token = self.aom_auth_token.expose_secret();
-        if token.is_empty() || token.len() > 40960 {
-            return err("AOM_AUTH_TOKEN must be 1..40960 characters".to_owned());
-        }
-        if reqwest::header::HeaderValue::from_str(token).is_err() {
-            return err("AOM_AUTH_TOKEN contains characters not allowed in a header".to_owned());
-        }
+        let auth = self.auth.validate()?;
         for (name, value) in [
             ("TERMINATE_QUEUE", &self.terminate_queue),
             ("DEAD_LETTER_QUEUE", &self.dead_letter_queue),
@@ -252,7 +418,7 @@ impl RunArgs {
             },
             database: DatabaseSettings(self.database.connect_options()?),
             endpoint,
-            token: self.aom_auth_token.clone(),
+            auth,
             concurrency: self.concurrency as usize,
             prefetch,
             max_attempts: self.max_attempts,

@@ -65,8 +65,7 @@ async fn serve(
     {
         return Ok(());
     }
-    let client =
-        TerminateClient::new(&cfg.endpoint, &cfg.token, cfg.http_timeout, cfg.concurrency)?;
+    let client = TerminateClient::new(&cfg.endpoint, &cfg.auth, cfg.http_timeout, cfg.concurrency)?;
     let policy = RetryPolicy {
         initial: cfg.backoff_initial,
         max: cfg.backoff_max,

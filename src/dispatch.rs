@@ -60,6 +60,7 @@ impl Dispatcher {
             return unfinished(attempts);
         }
         let mut probed = None;
+        let mut auth_retried = false;
         loop {
             let attempt = match probed.take() {
                 Some(answer) => answer,
@@ -68,12 +69,21 @@ impl Dispatcher {
                         return unfinished(attempts);
                     }
                     match self.call(req).await {
-                        Some(answer) => answer,
-                        None => return unfinished(attempts),
+                        Call::Answered(answer) => answer,
+                        Call::Aborted => return unfinished(attempts),
+                        Call::NoCredential(e) => {
+                            let why = format!("no credentials for the AOM API: {e}");
+                            match self.probe_until_authorized(req, &mut attempts, &why).await {
+                                Probe::Aborted => return unfinished(attempts),
+                                Probe::Reopened => continue,
+                                Probe::Answered(answer) => answer,
+                            }
+                        }
                     }
                 }
             };
             let verdict = attempt.verdict;
+            let generation = attempt.auth_generation;
             attempts.push(attempt);
             match verdict {
                 Verdict::Succeeded => return finished(attempts, Outcome::Succeeded),
@@ -99,7 +109,16 @@ impl Dispatcher {
                 }
                 Verdict::Unauthorized => {
                     // Not counted: the credentials are wrong, not the request.
-                    match self.probe_until_authorized(req, &mut attempts).await {
+                    // A renewed IAM token or a rotated token file is worth
+                    // one immediate retry; otherwise pause and probe.
+                    if !auth_retried {
+                        auth_retried = true;
+                        if self.client.auth().rejected(generation).await {
+                            continue;
+                        }
+                    }
+                    let why = "the AOM API answered 401: the credentials are wrong or expired";
+                    match self.probe_until_authorized(req, &mut attempts, why).await {
                         Probe::Aborted => return unfinished(attempts),
                         Probe::Reopened => {}
                         Probe::Answered(answer) => probed = Some(answer),
@@ -109,15 +128,20 @@ impl Dispatcher {
         }
     }
 
-    /// One API call under a concurrency permit; `None` on hard stop.
-    async fn call(&self, req: &TerminationRequest) -> Option<Attempt> {
+    /// One API call under a concurrency permit.
+    async fn call(&self, req: &TerminationRequest) -> Call {
         let work = async {
-            let _permit = self.calls.acquire().await.ok()?;
-            Some(self.client.terminate(req).await)
+            let Ok(_permit) = self.calls.acquire().await else {
+                return Call::Aborted; // the semaphore is never closed
+            };
+            match self.client.terminate(req).await {
+                Ok(attempt) => Call::Answered(attempt),
+                Err(e) => Call::NoCredential(e),
+            }
         };
         tokio::select! {
-            attempt = work => attempt,
-            () = self.abort.cancelled() => None,
+            call = work => call,
+            () = self.abort.cancelled() => Call::Aborted,
         }
     }
 
@@ -129,8 +153,9 @@ impl Dispatcher {
         &self,
         req: &TerminationRequest,
         attempts: &mut Vec<Attempt>,
+        why: &str,
     ) -> Probe {
-        self.gate.close();
+        self.gate.close(why);
         loop {
             let _turn = tokio::select! {
                 turn = self.gate.probe_turn.lock() => turn,
@@ -144,17 +169,29 @@ impl Dispatcher {
                 () = tokio::time::sleep(delay) => {}
                 () = self.abort.cancelled() => return Probe::Aborted,
             }
-            let Some(attempt) = self.call(req).await else {
-                return Probe::Aborted;
-            };
-            if attempt.verdict != Verdict::Unauthorized {
-                self.gate.open();
-                return Probe::Answered(attempt);
+            match self.call(req).await {
+                Call::Aborted => return Probe::Aborted,
+                Call::NoCredential(e) => self.gate.probe_failed(&e.to_string()),
+                Call::Answered(attempt) if attempt.verdict == Verdict::Unauthorized => {
+                    // Let the source refresh (re-read the file, renew the
+                    // IAM token) before the next probe.
+                    self.client.auth().rejected(attempt.auth_generation).await;
+                    self.gate.probe_failed("the AOM API still answers 401");
+                    attempts.push(attempt);
+                }
+                Call::Answered(attempt) => {
+                    self.gate.open();
+                    return Probe::Answered(attempt);
+                }
             }
-            self.gate.probe_failed();
-            attempts.push(attempt);
         }
     }
+}
+
+enum Call {
+    Answered(Attempt),
+    NoCredential(crate::auth::AuthError),
+    Aborted,
 }
 
 enum Probe {
@@ -202,13 +239,12 @@ impl AuthGate {
         }
     }
 
-    fn close(&self) {
+    fn close(&self, why: &str) {
         let was_open = self.open.send_replace(false);
         if was_open {
             tracing::error!(
-                "the AOM API answered 401: the credentials are wrong or expired. \
-                 Pausing: no new messages are taken, affected requests stay unacked, \
-                 and the API is probed until it accepts them"
+                "{why}. Pausing: no new messages are taken, affected requests stay unacked, \
+                 and the API is probed until it accepts the credentials"
             );
         }
     }
@@ -220,12 +256,12 @@ impl AuthGate {
         }
     }
 
-    fn probe_failed(&self) {
+    fn probe_failed(&self, why: &str) {
         let mut s = self.lock_schedule();
         s.failed();
         tracing::warn!(
             next_probe_in_s = s.current().as_secs(),
-            "still paused: the AOM API answers 401"
+            "still paused: {why}"
         );
     }
 

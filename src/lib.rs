@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod daemon;
