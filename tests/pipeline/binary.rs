@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 
-fn binary() -> Command {
+pub fn binary() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_aom-terminator"));
     // Only what each test sets: no stray settings from the developer's shell.
     for var in [
@@ -35,7 +35,7 @@ fn binary() -> Command {
     cmd
 }
 
-async fn output(mut child: Child) -> (Option<i32>, String) {
+pub async fn output(mut child: Child) -> (Option<i32>, String) {
     let mut stderr = child.stderr.take().expect("stderr piped");
     let mut stdout = child.stdout.take().expect("stdout piped");
     let status = tokio::time::timeout(Duration::from_secs(60), child.wait())

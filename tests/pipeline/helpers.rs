@@ -163,6 +163,11 @@ impl TestEnv {
     /// The daemon's settings for this test: its queues, database and
     /// sandbox, quick retries, plus `extra` flags.
     pub fn run_args(&self, extra: &[&str]) -> RunArgs {
+        self.run_args_with_auth(&["--aom-auth-token", TOKEN], extra)
+    }
+
+    /// Like `run_args`, with `auth` flags instead of the test token.
+    pub fn run_args_with_auth(&self, auth: &[&str], extra: &[&str]) -> RunArgs {
         let mut argv: Vec<String> = [
             "aom-terminator",
             "run",
@@ -172,8 +177,6 @@ impl TestEnv {
             &self.database_url,
             "--aom-endpoint",
             &self.sandbox.base_url(),
-            "--aom-auth-token",
-            TOKEN,
             "--terminate-queue",
             &self.queue,
             "--dead-letter-queue",
@@ -188,6 +191,7 @@ impl TestEnv {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        argv.extend(auth.iter().map(|s| s.to_string()));
         argv.extend(extra.iter().map(|s| s.to_string()));
         match Cli::try_parse_from_args(argv).command {
             Command::Run(args) => *args,
@@ -201,7 +205,14 @@ impl TestEnv {
 
     /// Run the daemon in-process until the handle is stopped or dropped.
     pub fn start_daemon(&self, extra: &[&str]) -> Daemon {
-        let cfg = self.daemon_config(extra);
+        self.start_daemon_with_auth(&["--aom-auth-token", TOKEN], extra)
+    }
+
+    pub fn start_daemon_with_auth(&self, auth: &[&str], extra: &[&str]) -> Daemon {
+        let cfg = self
+            .run_args_with_auth(auth, extra)
+            .validate()
+            .expect("valid test config");
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(aom_terminator::daemon::run(cfg, async move {
             let _ = stopped.await;
@@ -214,11 +225,16 @@ impl TestEnv {
 
     /// Environment for the real binary, matching `run_args`.
     pub fn binary_env(&self) -> Vec<(&'static str, String)> {
+        let mut env = self.binary_env_without_auth();
+        env.push(("AOM_AUTH_TOKEN", TOKEN.to_owned()));
+        env
+    }
+
+    pub fn binary_env_without_auth(&self) -> Vec<(&'static str, String)> {
         vec![
             ("AMQP_URL", self.amqp_url.clone()),
             ("DATABASE_URL", self.database_url.clone()),
             ("AOM_ENDPOINT", self.sandbox.base_url()),
-            ("AOM_AUTH_TOKEN", TOKEN.to_owned()),
             ("TERMINATE_QUEUE", self.queue.clone()),
             ("DEAD_LETTER_QUEUE", self.dead_letter_queue.clone()),
             ("BACKOFF_INITIAL_MS", "10".to_owned()),
@@ -405,6 +421,14 @@ pub fn request(request_id: &str, execution_id: &str) -> String {
         "requested_by": "tests",
     })
     .to_string()
+}
+
+/// `n` single-request messages `{prefix}{i}`, each with its own execution.
+pub async fn publish_singles(env: &TestEnv, prefix: &str, n: usize) {
+    for i in 0..n {
+        let id = format!("{prefix}{i}");
+        env.publish(&request(&id, &format!("ex-{id}")), None).await;
+    }
 }
 
 pub fn batch(elements: &[String]) -> String {

@@ -1,5 +1,6 @@
 //! End to end: RabbitMQ → daemon → sandbox API → Postgres audit.
 
+mod auth;
 mod binary;
 mod helpers;
 

@@ -47,8 +47,10 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+
+mod identity;
 
 use anyhow::Context as _;
 use axum::Router;
@@ -58,6 +60,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::serve::ListenerExt as _;
+use identity::{IamAccount, Identity};
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -107,6 +110,25 @@ pub struct SandboxArgs {
     /// Failure ratios for executions without a scripted prefix, e.g. `500=0.02,404=0.01,flaky=0.02`.
     #[arg(long, env = "SANDBOX_FAIL_RATIOS", value_parser = parse_ratios, default_value = "")]
     pub fail_ratios: FailRatios,
+    /// User of the fake IAM (`POST /v3/auth/tokens`); with the password and domain,
+    /// tokens it issues are accepted until they expire.
+    #[arg(long, env = "SANDBOX_IAM_USER")]
+    pub iam_user: Option<String>,
+    /// Password of the fake IAM's user.
+    #[arg(long, env = "SANDBOX_IAM_PASSWORD", hide_env_values = true)]
+    pub iam_password: Option<String>,
+    /// Domain (account) of the fake IAM's user.
+    #[arg(long, env = "SANDBOX_IAM_DOMAIN")]
+    pub iam_domain: Option<String>,
+    /// Lifetime of the tokens the fake IAM issues.
+    #[arg(long, env = "SANDBOX_IAM_TOKEN_LIFETIME", default_value = "24h", value_parser = parse_latency)]
+    pub iam_token_lifetime: Duration,
+    /// Access key whose AK/SK signatures are accepted.
+    #[arg(long, env = "SANDBOX_AK")]
+    pub ak: Option<String>,
+    /// Secret key that goes with `--ak`.
+    #[arg(long, env = "SANDBOX_SK", hide_env_values = true)]
+    pub sk: Option<String>,
 }
 
 /// Hand-written so that the token never ends up in a log line.
@@ -120,7 +142,11 @@ impl fmt::Debug for SandboxArgs {
                 &self.expected_token.as_ref().map(|_| "<redacted>"),
             )
             .field("fail_ratios", &format_args!("{}", self.fail_ratios))
-            .finish()
+            .field("iam_user", &self.iam_user)
+            .field("iam_domain", &self.iam_domain)
+            .field("iam_token_lifetime", &self.iam_token_lifetime)
+            .field("ak", &self.ak)
+            .finish_non_exhaustive()
     }
 }
 
@@ -131,6 +157,12 @@ impl Default for SandboxArgs {
             latency: Duration::ZERO,
             expected_token: None,
             fail_ratios: FailRatios::default(),
+            iam_user: None,
+            iam_password: None,
+            iam_domain: None,
+            iam_token_lifetime: Duration::from_secs(24 * 3600),
+            ak: None,
+            sk: None,
         }
     }
 }
@@ -433,6 +465,9 @@ pub struct SandboxStats {
     pub in_flight: u64,
     /// Highest `in_flight` seen since start or the last reset.
     pub max_in_flight: u64,
+    /// Token requests to the fake IAM.
+    #[serde(default)]
+    pub iam_calls: u64,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -524,8 +559,7 @@ impl Drop for InFlight<'_> {
 struct Inner {
     latency: Duration,
     ratios: FailRatios,
-    /// `None`: any token is accepted. Never logged.
-    expected_token: RwLock<Option<Box<str>>>,
+    identity: Identity,
     stats: Stats,
 }
 
@@ -553,7 +587,19 @@ impl Sandbox {
             inner: Arc::new(Inner {
                 latency: args.latency,
                 ratios: args.fail_ratios.clone(),
-                expected_token: RwLock::new(normalise_token(args.expected_token.as_deref())),
+                identity: Identity::new(
+                    normalise_token(args.expected_token.as_deref()),
+                    match (&args.iam_user, &args.iam_password, &args.iam_domain) {
+                        (Some(user), Some(password), Some(domain)) => Some(IamAccount {
+                            user: user.clone(),
+                            password: password.clone(),
+                            domain: domain.clone(),
+                            token_lifetime: args.iam_token_lifetime,
+                        }),
+                        _ => None,
+                    },
+                    args.ak.clone().zip(args.sk.clone()),
+                ),
                 stats: Stats::new(),
             }),
         }
@@ -602,6 +648,7 @@ impl Sandbox {
             by_status,
             in_flight: stats.in_flight.load(Ordering::Relaxed),
             max_in_flight: stats.max_in_flight.load(Ordering::Relaxed),
+            iam_calls: self.inner.identity.iam_calls.load(Ordering::Relaxed),
         }
     }
 
@@ -623,9 +670,20 @@ impl Sandbox {
         let token = normalise_token(token.as_deref());
         *self
             .inner
+            .identity
             .expected_token
             .write()
             .unwrap_or_else(PoisonError::into_inner) = token;
+    }
+
+    /// Make the fake IAM answer 503 (`false`) or issue tokens again (`true`).
+    pub fn set_iam_available(&self, available: bool) {
+        self.inner.identity.set_iam_available(available);
+    }
+
+    /// Forget every IAM token issued so far: calls with them get 401.
+    pub fn revoke_iam_tokens(&self) {
+        self.inner.identity.revoke_iam_tokens();
     }
 
     /// Zeroes the counters and forgets per-execution call counts (so `flaky` executions
@@ -647,25 +705,7 @@ impl Sandbox {
     }
 
     fn token_required(&self) -> bool {
-        self.inner
-            .expected_token
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_some()
-    }
-
-    fn token_ok(&self, headers: &HeaderMap) -> bool {
-        let expected = self
-            .inner
-            .expected_token
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
-        match expected.as_deref() {
-            None => true,
-            Some(expected) => headers
-                .get("x-auth-token")
-                .is_some_and(|got| got.as_bytes() == expected.as_bytes()),
-        }
+        self.inner.identity.required()
     }
 }
 
@@ -817,6 +857,7 @@ fn router(state: AppState) -> Router {
         .route("/_sandbox/stats", get(get_stats))
         .route("/_sandbox/reset", post(reset))
         .route("/_sandbox/token", post(set_token))
+        .route("/v3/auth/tokens", post(issue_token))
         .with_state(state)
 }
 
@@ -852,12 +893,15 @@ async fn decide(
     request: Request,
 ) -> Reply {
     let (parts, body) = request.into_parts();
-    // Read the (normally empty) body so that the connection can be reused.
-    let _ = axum::body::to_bytes(body, MAX_DRAINED_BODY).await;
+    // Read the (normally empty) body: AK/SK signatures cover it, and the
+    // connection stays reusable.
+    let body = axum::body::to_bytes(body, MAX_DRAINED_BODY)
+        .await
+        .unwrap_or_default();
     if !app.sleep(app.sandbox.inner.latency).await {
         return Reply::Status(503);
     }
-    let authenticated = app.sandbox.token_ok(&parts.headers);
+    let authenticated = app.sandbox.inner.identity.admits(&parts, &body);
     let Ok(Path((project_id, workflow_id, execution_id))) = path else {
         return if authenticated {
             Reply::Invalid("the path parameters are not valid percent-encoded UTF-8")
@@ -1005,6 +1049,10 @@ fn error_response(code: StatusCode, error_code: &str, error_msg: &str) -> Respon
             .into_response(),
         Err(_) => code.into_response(),
     }
+}
+
+async fn issue_token(State(app): State<AppState>, body: axum::body::Bytes) -> Response {
+    app.sandbox.inner.identity.issue_token(&body)
 }
 
 async fn get_stats(State(app): State<AppState>) -> axum::Json<SandboxStats> {

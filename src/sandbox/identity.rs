@@ -1,0 +1,242 @@
+//! Who the sandbox lets in: an expected token, tokens issued by its fake
+//! IAM (`POST /v3/auth/tokens`, password method), and AK/SK signatures
+//! checked with the same signer the daemon uses. With none configured,
+//! every call is let in.
+
+use crate::auth::aksk;
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+/// How far `X-Sdk-Date` may be from the sandbox's clock.
+const CLOCK_SKEW: chrono::TimeDelta = chrono::TimeDelta::minutes(15);
+
+/// The account the fake IAM accepts.
+#[derive(Clone)]
+pub struct IamAccount {
+    pub user: String,
+    pub password: String,
+    pub domain: String,
+    pub token_lifetime: Duration,
+}
+
+pub struct Identity {
+    /// `None`: no token is expected. Never logged.
+    pub expected_token: RwLock<Option<Box<str>>>,
+    iam: Option<IamAccount>,
+    iam_available: AtomicBool,
+    issued: Mutex<HashMap<Box<str>, Instant>>,
+    pub iam_calls: AtomicU64,
+    aksk: Option<(String, String)>,
+}
+
+impl Identity {
+    pub fn new(
+        expected_token: Option<Box<str>>,
+        iam: Option<IamAccount>,
+        aksk: Option<(String, String)>,
+    ) -> Self {
+        Self {
+            expected_token: RwLock::new(expected_token),
+            iam,
+            iam_available: AtomicBool::new(true),
+            issued: Mutex::new(HashMap::new()),
+            iam_calls: AtomicU64::new(0),
+            aksk,
+        }
+    }
+
+    fn expected(&self) -> std::sync::RwLockReadGuard<'_, Option<Box<str>>> {
+        self.expected_token
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn required(&self) -> bool {
+        self.expected().is_some() || self.iam.is_some() || self.aksk.is_some()
+    }
+
+    /// Whether a terminate call may pass.
+    pub fn admits(&self, parts: &Parts, body: &[u8]) -> bool {
+        if !self.required() {
+            return true;
+        }
+        let headers = &parts.headers;
+        if let Some(token) = headers.get("x-auth-token") {
+            if let Some(expected) = self.expected().as_deref()
+                && token.as_bytes() == expected.as_bytes()
+            {
+                return true;
+            }
+            if self.iam.is_some() && self.iam_token_live(token) {
+                return true;
+            }
+        }
+        match &self.aksk {
+            Some((ak, sk)) => signature_ok(parts, body, ak, sk),
+            None => false,
+        }
+    }
+
+    fn iam_token_live(&self, token: &HeaderValue) -> bool {
+        let Ok(token) = token.to_str() else {
+            return false;
+        };
+        let issued = self.issued.lock().unwrap_or_else(PoisonError::into_inner);
+        issued
+            .get(token)
+            .is_some_and(|expires| Instant::now() < *expires)
+    }
+
+    /// Make IAM answer 503 (down) or work again.
+    pub fn set_iam_available(&self, available: bool) {
+        self.iam_available.store(available, Ordering::Relaxed);
+    }
+
+    /// Forget every issued IAM token: the next calls with them get 401.
+    pub fn revoke_iam_tokens(&self) {
+        self.issued
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
+    /// `POST /v3/auth/tokens`, as IAM answers it.
+    pub fn issue_token(&self, body: &[u8]) -> Response {
+        self.iam_calls.fetch_add(1, Ordering::Relaxed);
+        let Some(account) = &self.iam else {
+            return keystone_error(
+                StatusCode::NOT_FOUND,
+                "IAM is not configured in this sandbox",
+            );
+        };
+        if !self.iam_available.load(Ordering::Relaxed) {
+            return keystone_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "IAM is unavailable (sandbox)",
+            );
+        }
+        let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+        let identity = &v["auth"]["identity"];
+        let user = &identity["password"]["user"];
+        let scope = &v["auth"]["scope"]["project"];
+        let password_method = identity["methods"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|x| x == "password"));
+        if !password_method || !(scope["name"].is_string() || scope["id"].is_string()) {
+            return keystone_error(
+                StatusCode::BAD_REQUEST,
+                "password method and project scope required",
+            );
+        }
+        if user["name"] != account.user.as_str()
+            || user["password"] != account.password.as_str()
+            || user["domain"]["name"] != account.domain.as_str()
+        {
+            return keystone_error(
+                StatusCode::UNAUTHORIZED,
+                "The username or password is wrong.",
+            );
+        }
+        let token = format!("MIIsandbox{:032x}", fastrand::u128(..));
+        let now = chrono::Utc::now();
+        let expires_at = now
+            + chrono::TimeDelta::from_std(account.token_lifetime).unwrap_or(chrono::TimeDelta::MAX);
+        {
+            let mut issued = self.issued.lock().unwrap_or_else(PoisonError::into_inner);
+            issued.retain(|_, expires| Instant::now() < *expires);
+            issued.insert(
+                token.as_str().into(),
+                Instant::now() + account.token_lifetime,
+            );
+        }
+        let body = serde_json::json!({"token": {
+            "methods": ["password"],
+            "issued_at": now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            "expires_at": expires_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            "user": {"name": account.user, "domain": {"name": account.domain}},
+        }});
+        let mut response = (StatusCode::CREATED, axum::Json(body)).into_response();
+        if let Ok(value) = HeaderValue::from_str(&token) {
+            response.headers_mut().insert("x-subject-token", value);
+        }
+        response
+    }
+}
+
+fn keystone_error(status: StatusCode, message: &str) -> Response {
+    let body = serde_json::json!({"error": {
+        "code": status.as_u16(), "message": message, "title": status.canonical_reason()
+    }});
+    (status, axum::Json(body)).into_response()
+}
+
+/// Recompute the `SDK-HMAC-SHA256` signature of a call and compare.
+fn signature_ok(parts: &Parts, body: &[u8], access_key: &str, secret_key: &str) -> bool {
+    let headers = &parts.headers;
+    let Some(auth) = header(headers, "authorization") else {
+        return false;
+    };
+    let Some(fields) = auth.strip_prefix(aksk::ALGORITHM).map(str::trim) else {
+        return false;
+    };
+    let mut access = None;
+    let mut signed_headers = None;
+    let mut signature = None;
+    for field in fields.split(',').map(str::trim) {
+        match field.split_once('=') {
+            Some(("Access", v)) => access = Some(v),
+            Some(("SignedHeaders", v)) => signed_headers = Some(v),
+            Some(("Signature", v)) => signature = Some(v),
+            _ => {}
+        }
+    }
+    let (Some(access), Some(signed_headers), Some(signature)) = (access, signed_headers, signature)
+    else {
+        return false;
+    };
+    let Some(date) = header(headers, "x-sdk-date") else {
+        return false;
+    };
+    let fresh = chrono::NaiveDateTime::parse_from_str(date, aksk::DATE_FORMAT)
+        .is_ok_and(|d| (d.and_utc() - chrono::Utc::now()).abs() <= CLOCK_SKEW);
+    if access != access_key || !fresh {
+        return false;
+    }
+    let mut signed = Vec::new();
+    for name in signed_headers.split(';') {
+        match header(headers, name) {
+            Some(value) => signed.push((name.to_owned(), value.to_owned())),
+            None => return false,
+        }
+    }
+    let query: Vec<(String, String)> = parts
+        .uri
+        .query()
+        .map(|q| {
+            reqwest::Url::parse(&format!("http://sandbox/?{q}"))
+                .map(|u| u.query_pairs().into_owned().collect())
+                .unwrap_or_default()
+        })
+        .unwrap_or_default();
+    let expected = aksk::sign(
+        &aksk::SigningInput {
+            method: parts.method.as_str(),
+            path: parts.uri.path(),
+            query: &query,
+            headers: &signed,
+            body,
+        },
+        date,
+        secret_key.as_bytes(),
+    );
+    expected.signature == signature
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
