@@ -39,7 +39,7 @@ pub enum Command {
     /// Apply the audit schema migrations and exit.
     Migrate(DatabaseArgs),
     /// Serve a fake AOM terminate API for trials, tests and benchmarks.
-    Sandbox(SandboxArgs),
+    Sandbox(Box<SandboxArgs>),
 }
 
 #[derive(Debug, Clone, Args)]

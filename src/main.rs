@@ -57,7 +57,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             },
-            Command::Sandbox(args) => sandbox::run(args, shutdown_signal()).await,
+            Command::Sandbox(args) => sandbox::run(*args, shutdown_signal()).await,
         };
         match result {
             Ok(()) => ExitCode::SUCCESS,
