@@ -322,7 +322,8 @@ impl OutcomeColumns<'_> {
                  error_msg = EXCLUDED.error_msg, attempts = EXCLUDED.attempts, \
                  reason = EXCLUDED.reason, requested_by = EXCLUDED.requested_by, \
                  received_at = EXCLUDED.received_at, finished_at = EXCLUDED.finished_at, \
-                 redelivered = EXCLUDED.redelivered, message_id = EXCLUDED.message_id \
+                 redelivered = EXCLUDED.redelivered, message_id = EXCLUDED.message_id, \
+                 recorded_at = clock_timestamp() \
                WHERE o.outcome = 'rejected' \
                RETURNING o.request_id \
              ) \
@@ -382,6 +383,77 @@ where
         biased;
         result = retried => result.ok(),
         () = abort.cancelled() => None,
+    }
+}
+
+struct LookupJob {
+    ids: Vec<String>,
+    reply: oneshot::Sender<HashSet<String>>,
+}
+
+/// Answers "which of these already have a final outcome?" for many
+/// messages with one query: lookups that arrive while one runs are
+/// answered together by the next.
+#[derive(Clone, Debug)]
+pub struct FinalLookups {
+    tx: mpsc::Sender<LookupJob>,
+}
+
+impl std::fmt::Debug for LookupJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LookupJob({} ids)", self.ids.len())
+    }
+}
+
+impl FinalLookups {
+    pub fn spawn(audit: Audit, abort: CancellationToken) -> (Self, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(4096);
+        let handle = tokio::spawn(lookup_loop(audit, rx, abort));
+        (Self { tx }, handle)
+    }
+
+    /// The ids among `ids` with a final outcome other than `rejected`;
+    /// `None` if the lookup gave up (shutdown grace ran out).
+    pub async fn already_final(&self, ids: Vec<String>) -> Option<HashSet<String>> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.send(LookupJob { ids, reply }).await.ok()?;
+        answer.await.ok()
+    }
+}
+
+/// Ids per lookup query at most (one message can bring 10,000).
+const MAX_LOOKUP_IDS: usize = 20_000;
+
+async fn lookup_loop(audit: Audit, mut rx: mpsc::Receiver<LookupJob>, abort: CancellationToken) {
+    let mut jobs = Vec::new();
+    while rx.recv_many(&mut jobs, 512).await > 0 {
+        // Answer in chunks of whole jobs that fit one query.
+        while !jobs.is_empty() {
+            let mut take = 0;
+            let mut count = 0;
+            while take < jobs.len() && (take == 0 || count + jobs[take].ids.len() <= MAX_LOOKUP_IDS)
+            {
+                count += jobs[take].ids.len();
+                take += 1;
+            }
+            let chunk: Vec<LookupJob> = jobs.drain(..take).collect();
+            let ids: Vec<String> = chunk.iter().flat_map(|j| j.ids.iter().cloned()).collect();
+            let Some(found) =
+                until_done("final-outcome lookup", &abort, || audit.already_final(&ids)).await
+            else {
+                // Shutdown: dropping the replies tells every caller.
+                jobs.clear();
+                break;
+            };
+            for job in chunk {
+                let mine = job
+                    .ids
+                    .into_iter()
+                    .filter(|id| found.contains(id))
+                    .collect();
+                let _ = job.reply.send(mine);
+            }
+        }
     }
 }
 

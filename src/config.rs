@@ -107,6 +107,14 @@ pub struct RunArgs {
     /// Most unacked messages held at once (default: CONCURRENCY).
     #[arg(long, env = "PREFETCH")]
     pub prefetch: Option<u16>,
+    /// Most requests parsed and held at once, across messages (default:
+    /// the larger of 10,000 and 16 × CONCURRENCY). Bounds memory when the
+    /// queue holds big batches.
+    #[arg(long, env = "PREFETCH_REQUESTS")]
+    pub prefetch_requests: Option<u32>,
+    /// Most API calls started per second, across the daemon (default: no limit).
+    #[arg(long, env = "RATE_LIMIT")]
+    pub rate_limit: Option<u32>,
     /// Attempts per request, counting the first (401 answers do not count).
     #[arg(long, env = "MAX_ATTEMPTS", default_value_t = 5)]
     pub max_attempts: u32,
@@ -304,6 +312,8 @@ pub struct DaemonConfig {
     pub auth: AuthSettings,
     pub concurrency: usize,
     pub prefetch: u16,
+    pub prefetch_requests: usize,
+    pub rate_limit: Option<std::num::NonZeroU32>,
     pub max_attempts: u32,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
@@ -400,6 +410,18 @@ impl RunArgs {
             Some(p) => p,
             None => u16::try_from(self.concurrency).unwrap_or(u16::MAX),
         };
+        let prefetch_requests = match self.prefetch_requests {
+            Some(0) => return err("PREFETCH_REQUESTS must be at least 1".to_owned()),
+            Some(n) => n as usize,
+            None => (16 * self.concurrency as usize).max(10_000),
+        };
+        let rate_limit = match self.rate_limit {
+            Some(0) => {
+                return err("RATE_LIMIT must be at least 1 (unset it for no limit)".to_owned());
+            }
+            Some(n) => std::num::NonZeroU32::new(n),
+            None => None,
+        };
         if self.max_attempts == 0 {
             return err("MAX_ATTEMPTS must be at least 1".to_owned());
         }
@@ -421,6 +443,8 @@ impl RunArgs {
             auth,
             concurrency: self.concurrency as usize,
             prefetch,
+            prefetch_requests,
+            rate_limit,
             max_attempts: self.max_attempts,
             backoff_initial: self.backoff_initial_ms,
             backoff_max: self.backoff_max_ms,

@@ -6,10 +6,11 @@
 //! whatever has not finished is left unacked for the broker to redeliver.
 
 use crate::api::TerminateClient;
-use crate::audit::{Audit, AuditWriter, until_done};
+use crate::audit::{Audit, AuditWriter, FinalLookups, until_done};
 use crate::broker::{DeadLetters, Session};
 use crate::config::DaemonConfig;
 use crate::dispatch::Dispatcher;
+use crate::domain::ParsedMessage;
 use crate::pipeline::{InFlight, Pipeline};
 use crate::retry::RetryPolicy;
 use crate::telemetry::cause_chain;
@@ -18,6 +19,7 @@ use futures_util::StreamExt;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -72,10 +74,19 @@ async fn serve(
         max_attempts: cfg.max_attempts,
     };
     let (writer, writer_task) = AuditWriter::spawn(audit.clone(), abort.clone());
+    let (lookups, lookup_task) = FinalLookups::spawn(audit.clone(), abort.clone());
     let (publish_channel, dead_letters) = DeadLetters::new(cfg.amqp.clone());
     let pipeline = Arc::new(Pipeline {
-        dispatcher: Dispatcher::new(client, policy, cfg.concurrency, stop.clone(), abort.clone()),
+        dispatcher: Dispatcher::new(
+            client,
+            policy,
+            cfg.concurrency,
+            cfg.rate_limit,
+            stop.clone(),
+            abort.clone(),
+        ),
         writer,
+        lookups,
         audit,
         dead_letters,
         in_flight: InFlight::default(),
@@ -84,6 +95,7 @@ async fn serve(
         abort: abort.clone(),
     });
     let tasks = TaskTracker::new();
+    let credits = Arc::new(Semaphore::new(cfg.prefetch_requests));
     tracing::info!(
         queue = %cfg.amqp.queue,
         dead_letter_queue = %cfg.amqp.dead_letter_queue,
@@ -116,7 +128,7 @@ async fn serve(
             }
         };
         publish_channel.send_replace(Some(session.publish_channel()));
-        match consume(&session, &cfg, &pipeline, &tasks, &stop).await {
+        match consume(&session, &cfg, &pipeline, &credits, &tasks, &stop).await {
             Ok(()) if stop.is_cancelled() => {}
             Ok(()) => {
                 reconnect = reconnect_backoff();
@@ -141,8 +153,13 @@ async fn serve(
     tasks.close();
     tasks.wait().await;
     drop(pipeline);
-    if let Err(e) = writer_task.await {
-        tracing::error!(error = %e, "audit writer ended abnormally");
+    for (name, task) in [
+        ("audit writer", writer_task),
+        ("audit lookups", lookup_task),
+    ] {
+        if let Err(e) = task.await {
+            tracing::error!(error = %e, "{name} ended abnormally");
+        }
     }
     for s in &sessions {
         s.close().await;
@@ -166,10 +183,12 @@ async fn consume(
     session: &Session,
     cfg: &DaemonConfig,
     pipeline: &Arc<Pipeline>,
+    credits: &Arc<Semaphore>,
     tasks: &TaskTracker,
     stop: &CancellationToken,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let mut deliveries = Box::pin(session.consume(&cfg.amqp.queue).await?);
+    let credits = Arc::clone(credits);
     let mut liveness = tokio::time::interval(LIVENESS_CHECK);
     loop {
         // Paused on 401: take nothing new until the credentials work.
@@ -186,8 +205,20 @@ async fn consume(
             }
             next = deliveries.next() => match next {
                 Some(Ok(message)) => {
+                    // Parse here, so that the requests held in memory are
+                    // bounded (PREFETCH_REQUESTS) however big the batches.
+                    let parsed = ParsedMessage::parse(&message.body, message.message_id.as_deref());
+                    let wanted = parsed.request_count().clamp(1, cfg.prefetch_requests) as u32;
+                    let held = tokio::select! {
+                        held = Arc::clone(&credits).acquire_many_owned(wanted) => held,
+                        () = stop.cancelled() => return Ok(()),
+                    };
+                    let Ok(held) = held else { return Ok(()) }; // never closed
                     let pipeline = Arc::clone(pipeline);
-                    tasks.spawn(async move { pipeline.handle(message).await });
+                    tasks.spawn(async move {
+                        let _held = held;
+                        pipeline.handle(message, parsed).await
+                    });
                 }
                 Some(Err(e)) => return Err(Box::new(e)),
                 None => return Ok(()),

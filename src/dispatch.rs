@@ -2,10 +2,12 @@
 //! `CONCURRENCY` API calls in flight across the whole daemon, and the 401
 //! pause that keeps bad credentials from failing anybody's request.
 
-use crate::api::{Attempt, TerminateClient, Verdict};
+use crate::api::{Attempt, ErrorKind, TerminateClient, Verdict};
 use crate::domain::{Outcome, TerminationRequest};
 use crate::retry::{ProbeSchedule, RetryPolicy};
+use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -18,11 +20,16 @@ pub struct Dispatched {
     pub outcome: Option<Outcome>,
 }
 
-#[derive(Debug)]
+type Limiter = governor::DefaultDirectRateLimiter;
+
 pub struct Dispatcher {
     client: TerminateClient,
     policy: RetryPolicy,
     calls: Arc<Semaphore>,
+    /// `RATE_LIMIT`: call starts per second, across the daemon.
+    limiter: Option<Limiter>,
+    /// Set by a 429: no call starts before this instant.
+    throttled_until: Mutex<Option<Instant>>,
     pub gate: AuthGate,
     /// Soft stop: requests that have not made their first call stay unsent.
     stop: CancellationToken,
@@ -35,13 +42,22 @@ impl Dispatcher {
         client: TerminateClient,
         policy: RetryPolicy,
         concurrency: usize,
+        rate_limit: Option<NonZeroU32>,
         stop: CancellationToken,
         abort: CancellationToken,
     ) -> Self {
+        // A small burst (a twentieth of a second's worth): the rate holds
+        // over seconds, not only on average over minutes.
+        let limiter = rate_limit.map(|r| {
+            let burst = NonZeroU32::new((r.get() / 20).max(1)).unwrap_or(NonZeroU32::MIN);
+            governor::RateLimiter::direct(governor::Quota::per_second(r).allow_burst(burst))
+        });
         Self {
             client,
             policy,
             calls: Arc::new(Semaphore::new(concurrency)),
+            limiter,
+            throttled_until: Mutex::new(None),
             gate: AuthGate::new(),
             stop,
             abort,
@@ -90,10 +106,15 @@ impl Dispatcher {
                 Verdict::Permanent => return finished(attempts, Outcome::FailedPermanent),
                 Verdict::Retryable { retry_after } => {
                     counted += 1;
+                    let throttled =
+                        attempts.last().and_then(|a| a.error_kind) == Some(ErrorKind::Throttled);
                     let Some(delay) = self.policy.delay(counted, retry_after, fastrand::f64())
                     else {
                         return finished(attempts, Outcome::FailedRetriesExhausted);
                     };
+                    if throttled {
+                        self.throttle(delay);
+                    }
                     tracing::debug!(
                         request_id = %req.request_id,
                         workflow_id = %req.workflow_id,
@@ -128,12 +149,49 @@ impl Dispatcher {
         }
     }
 
+    /// A 429: the API wants fewer calls from all of us, not a retry from
+    /// each task on its own schedule. Hold every call start for `delay`.
+    fn throttle(&self, delay: Duration) {
+        let until = Instant::now() + delay;
+        let mut held = self
+            .throttled_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if held.is_none_or(|h| h < until) {
+            if held.is_none_or(|h| h < Instant::now()) {
+                tracing::warn!(
+                    pause_ms = delay.as_millis() as u64,
+                    "the AOM API is throttling (429): pausing all calls"
+                );
+            }
+            *held = Some(until);
+        }
+    }
+
+    /// Wait for the 429 hold and the rate limit before starting a call.
+    async fn pace(&self) {
+        loop {
+            let until = *self
+                .throttled_until
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            match until {
+                Some(t) if t > Instant::now() => tokio::time::sleep_until(t.into()).await,
+                _ => break,
+            }
+        }
+        if let Some(limiter) = &self.limiter {
+            limiter.until_ready().await;
+        }
+    }
+
     /// One API call under a concurrency permit.
     async fn call(&self, req: &TerminationRequest) -> Call {
         let work = async {
             let Ok(_permit) = self.calls.acquire().await else {
                 return Call::Aborted; // the semaphore is never closed
             };
+            self.pace().await;
             match self.client.terminate(req).await {
                 Ok(attempt) => Call::Answered(attempt),
                 Err(e) => Call::NoCredential(e),

@@ -137,6 +137,14 @@ pub enum ParsedMessage {
 }
 
 impl ParsedMessage {
+    /// How many requests (valid or not) the message holds; 1 if unreadable.
+    pub fn request_count(&self) -> usize {
+        match self {
+            ParsedMessage::Requests(items) => items.len(),
+            ParsedMessage::Unreadable(_) => 1,
+        }
+    }
+
     /// Parse a message body. `message_id` is the AMQP message-id, if any: it
     /// seeds derived request ids so that a redelivery maps to the same ids.
     pub fn parse(body: &[u8], message_id: Option<&str>) -> ParsedMessage {

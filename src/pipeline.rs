@@ -6,7 +6,7 @@
 //! request in it has its outcome committed. A crash between steps repeats a
 //! step (a dead letter, an API call), never skips one.
 
-use crate::audit::{Audit, AuditWriter, FinalRecord, Record, until_done};
+use crate::audit::{Audit, AuditWriter, FinalLookups, FinalRecord, Record, until_done};
 use crate::broker::{DeadLetter, DeadLetters, Header, Incoming};
 use crate::dispatch::Dispatcher;
 use crate::domain::{Item, Outcome, ParsedMessage, Rejection, TerminationRequest, truncate};
@@ -24,6 +24,7 @@ const MAX_REJECTION_HEADER: usize = 16 * 1024;
 pub struct Pipeline {
     pub dispatcher: Dispatcher,
     pub writer: AuditWriter,
+    pub lookups: FinalLookups,
     pub audit: Audit,
     pub dead_letters: DeadLetters,
     pub in_flight: InFlight,
@@ -41,12 +42,12 @@ struct Context<'a> {
 impl Pipeline {
     /// Handle one message; ack it if every request in it reached a
     /// committed outcome. Returns whether it was acked.
-    pub async fn handle(&self, message: Incoming) -> bool {
+    pub async fn handle(&self, message: Incoming, parsed: ParsedMessage) -> bool {
         let cx = Context {
             message: &message,
             received_at: Utc::now(),
         };
-        let complete = match ParsedMessage::parse(&message.body, message.message_id.as_deref()) {
+        let complete = match parsed {
             ParsedMessage::Unreadable(rejection) => {
                 tracing::warn!(
                     request_id = %rejection.request_id,
@@ -182,10 +183,7 @@ impl Pipeline {
         if ids.is_empty() {
             return Some(Default::default());
         }
-        let finals = until_done("final-outcome lookup", &self.abort, || {
-            self.audit.already_final(ids)
-        })
-        .await?;
+        let finals = self.lookups.already_final(ids.to_vec()).await?;
         // Only a redelivery can have attempts on record from before.
         let before = if redelivered {
             until_done("attempt lookup", &self.abort, || {

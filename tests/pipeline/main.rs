@@ -3,6 +3,7 @@
 mod auth;
 mod binary;
 mod helpers;
+mod pacing;
 
 use aom_terminator::sandbox::SandboxArgs;
 use helpers::*;
