@@ -14,8 +14,9 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 /// The most records one flush commits.
@@ -71,6 +72,9 @@ pub enum Record {
 #[derive(Clone, Debug)]
 pub struct Audit {
     pool: PgPool,
+    /// False from a failed database call until the next one succeeds: the
+    /// daemon takes no new messages meanwhile, and is not ready.
+    healthy: Arc<watch::Sender<bool>>,
 }
 
 impl Audit {
@@ -81,7 +85,73 @@ impl Audit {
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy_with(options);
-        Self { pool }
+        Self {
+            pool,
+            healthy: Arc::new(watch::Sender::new(true)),
+        }
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        *self.healthy.borrow()
+    }
+
+    /// Wait until the database answers again; `false` if `cancel` fires first.
+    pub async fn wait_healthy(&self, cancel: &CancellationToken) -> bool {
+        let mut rx = self.healthy.subscribe();
+        tokio::select! {
+            ok = rx.wait_for(|ok| *ok) => ok.is_ok(),
+            () = cancel.cancelled() => false,
+        }
+    }
+
+    fn set_healthy(&self, ok: bool) {
+        let was = self.healthy.send_replace(ok);
+        if was && !ok {
+            tracing::error!(
+                "the audit database is failing: no new messages are taken until it answers"
+            );
+        } else if !was && ok {
+            tracing::info!("the audit database answers again; resuming");
+        }
+    }
+
+    /// Run a database call until it succeeds, backing off between tries, or
+    /// until `abort` fires (then `None`). The daemon never gives up on the
+    /// audit by itself: an outcome it cannot record is an outcome it cannot ack.
+    pub async fn until_done<T, F, Fut>(
+        &self,
+        what: &str,
+        abort: &CancellationToken,
+        call: F,
+    ) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, AuditError>>,
+    {
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(5))
+            .with_jitter()
+            .without_max_times();
+        let retried = call.retry(backoff).sleep(tokio::time::sleep).notify(
+            |e: &AuditError, delay: Duration| {
+                self.set_healthy(false);
+                tracing::warn!(
+                    error.cause_chain = %cause_chain(e),
+                    retry_in_ms = delay.as_millis() as u64,
+                    "{what} failed; retrying"
+                );
+            },
+        );
+        let result = tokio::select! {
+            biased;
+            result = retried => result.ok(),
+            () = abort.cancelled() => None,
+        };
+        if result.is_some() {
+            self.set_healthy(true);
+        }
+        result
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -356,36 +426,6 @@ impl OutcomeColumns<'_> {
     }
 }
 
-/// Run a database call until it succeeds, backing off between tries, or
-/// until `abort` fires (then `None`). The daemon never gives up on the
-/// audit by itself: an outcome it cannot record is an outcome it cannot ack.
-pub async fn until_done<T, F, Fut>(what: &str, abort: &CancellationToken, call: F) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, AuditError>>,
-{
-    let backoff = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(5))
-        .with_jitter()
-        .without_max_times();
-    let retried =
-        call.retry(backoff)
-            .sleep(tokio::time::sleep)
-            .notify(|e: &AuditError, delay: Duration| {
-                tracing::warn!(
-                    error.cause_chain = %cause_chain(e),
-                    retry_in_ms = delay.as_millis() as u64,
-                    "{what} failed; retrying"
-                );
-            });
-    tokio::select! {
-        biased;
-        result = retried => result.ok(),
-        () = abort.cancelled() => None,
-    }
-}
-
 struct LookupJob {
     ids: Vec<String>,
     reply: oneshot::Sender<HashSet<String>>,
@@ -438,8 +478,9 @@ async fn lookup_loop(audit: Audit, mut rx: mpsc::Receiver<LookupJob>, abort: Can
             }
             let chunk: Vec<LookupJob> = jobs.drain(..take).collect();
             let ids: Vec<String> = chunk.iter().flat_map(|j| j.ids.iter().cloned()).collect();
-            let Some(found) =
-                until_done("final-outcome lookup", &abort, || audit.already_final(&ids)).await
+            let Some(found) = audit
+                .until_done("final-outcome lookup", &abort, || audit.already_final(&ids))
+                .await
             else {
                 // Shutdown: dropping the replies tells every caller.
                 jobs.clear();
@@ -498,7 +539,8 @@ async fn write_loop(audit: Audit, mut rx: mpsc::Receiver<Job>, abort: Cancellati
     let mut jobs = Vec::with_capacity(MAX_FLUSH);
     while rx.recv_many(&mut jobs, MAX_FLUSH).await > 0 {
         let records: Vec<&Record> = jobs.iter().map(|j| &j.record).collect();
-        let committed = until_done("audit write", &abort, || audit.write(&records))
+        let committed = audit
+            .until_done("audit write", &abort, || audit.write(&records))
             .await
             .is_some();
         for job in jobs.drain(..) {

@@ -6,7 +6,7 @@
 //! whatever has not finished is left unacked for the broker to redeliver.
 
 use crate::api::TerminateClient;
-use crate::audit::{Audit, AuditWriter, FinalLookups, until_done};
+use crate::audit::{Audit, AuditWriter, FinalLookups};
 use crate::broker::{DeadLetters, Session};
 use crate::config::DaemonConfig;
 use crate::dispatch::Dispatcher;
@@ -61,7 +61,8 @@ async fn serve(
     abort: CancellationToken,
 ) -> anyhow::Result<()> {
     let audit = Audit::new(cfg.database.0.clone(), 10);
-    if until_done("audit migrations", &stop, || audit.migrate())
+    if audit
+        .until_done("audit migrations", &stop, || audit.migrate())
         .await
         .is_none()
     {
@@ -191,8 +192,11 @@ async fn consume(
     let credits = Arc::clone(credits);
     let mut liveness = tokio::time::interval(LIVENESS_CHECK);
     loop {
-        // Paused on 401: take nothing new until the credentials work.
-        if !pipeline.dispatcher.gate.wait_open(stop).await {
+        // Paused on 401, or on a failing database: take nothing new until
+        // the credentials work and the audit can be written.
+        if !pipeline.dispatcher.gate.wait_open(stop).await
+            || !pipeline.audit.wait_healthy(stop).await
+        {
             return Ok(());
         }
         tokio::select! {

@@ -6,7 +6,7 @@
 //! request in it has its outcome committed. A crash between steps repeats a
 //! step (a dead letter, an API call), never skips one.
 
-use crate::audit::{Audit, AuditWriter, FinalLookups, FinalRecord, Record, until_done};
+use crate::audit::{Audit, AuditWriter, FinalLookups, FinalRecord, Record};
 use crate::broker::{DeadLetter, DeadLetters, Header, Incoming};
 use crate::dispatch::Dispatcher;
 use crate::domain::{Item, Outcome, ParsedMessage, Rejection, TerminationRequest, truncate};
@@ -186,10 +186,11 @@ impl Pipeline {
         let finals = self.lookups.already_final(ids.to_vec()).await?;
         // Only a redelivery can have attempts on record from before.
         let before = if redelivered {
-            until_done("attempt lookup", &self.abort, || {
-                self.audit.attempts_recorded(ids)
-            })
-            .await?
+            self.audit
+                .until_done("attempt lookup", &self.abort, || {
+                    self.audit.attempts_recorded(ids)
+                })
+                .await?
         } else {
             HashMap::new()
         };

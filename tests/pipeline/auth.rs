@@ -1,7 +1,6 @@
 //! Authentication end to end: token file rotation, IAM password tokens
 //! (renewal, 401 storms, IAM outages), AK/SK signing, and configuration.
 
-use crate::binary::{binary, output};
 use crate::helpers::*;
 use aom_terminator::sandbox::SandboxArgs;
 use std::time::Duration;

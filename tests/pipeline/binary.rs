@@ -1,52 +1,6 @@
 //! The real binary: signals, exit codes, and what it prints.
 
 use crate::helpers::*;
-use std::process::Stdio;
-use std::time::Duration;
-use tokio::io::AsyncReadExt;
-use tokio::process::{Child, Command};
-
-pub fn binary() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_aom-terminator"));
-    // Only what each test sets: no stray settings from the developer's shell.
-    for var in [
-        "AMQP_URL",
-        "DATABASE_URL",
-        "AOM_ENDPOINT",
-        "AOM_AUTH_TOKEN",
-        "TERMINATE_QUEUE",
-        "DEAD_LETTER_QUEUE",
-        "CONCURRENCY",
-        "PREFETCH",
-        "MAX_ATTEMPTS",
-        "SHUTDOWN_GRACE",
-        "BACKOFF_INITIAL_MS",
-        "BACKOFF_MAX_MS",
-        "HTTP_TIMEOUT_MS",
-        "LOG_FORMAT",
-        "RUST_LOG",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    cmd.kill_on_drop(true);
-    cmd
-}
-
-pub async fn output(mut child: Child) -> (Option<i32>, String) {
-    let mut stderr = child.stderr.take().expect("stderr piped");
-    let mut stdout = child.stdout.take().expect("stdout piped");
-    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
-        .await
-        .expect("exits within a minute")
-        .expect("wait");
-    let (mut out, mut err) = (String::new(), String::new());
-    let _ = stdout.read_to_string(&mut out).await;
-    let _ = stderr.read_to_string(&mut err).await;
-    (status.code(), out + &err)
-}
 
 #[tokio::test]
 async fn sigterm_finishes_in_flight_work_and_leaves_the_rest_queued() {

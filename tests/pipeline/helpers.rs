@@ -18,7 +18,10 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use sqlx::{Connection as _, PgConnection, PgPool};
 use std::future::Future;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
+use tokio::io::AsyncReadExt;
+use tokio::process::Child;
 use tokio::sync::{OnceCell, oneshot};
 
 pub const PROJECT: &str = "0123456789abcdef0123456789abcdef";
@@ -275,6 +278,43 @@ impl TestEnv {
         );
     }
 
+    /// The name of this test's database.
+    pub fn database_name(&self) -> String {
+        self.database_url
+            .rsplit('/')
+            .next()
+            .and_then(|s| s.split('?').next())
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// A pool on the server's admin database (not this test's).
+    pub async fn admin_pool(&self) -> PgPool {
+        PgPool::connect(&services().await.database_url)
+            .await
+            .expect("admin connection")
+    }
+
+    /// Another channel on the test's broker connection.
+    pub async fn channel(&self) -> Channel {
+        self._connection.create_channel().await.expect("channel")
+    }
+
+    /// Declare the request queue again with another `x-delivery-limit`.
+    pub async fn set_delivery_limit(&self, limit: u32) {
+        self.channel
+            .queue_delete(self.queue.as_str().into(), Default::default())
+            .await
+            .expect("delete the queue");
+        let limit = limit.to_string();
+        declare_topology(
+            &self.channel,
+            &self.daemon_config(&["--delivery-limit", &limit]).amqp,
+        )
+        .await
+        .expect("redeclare");
+    }
+
     /// (ready, consumers) of a queue.
     async fn queue_state(&self, queue: &str, args: FieldTable) -> (u32, u32) {
         let q = self
@@ -466,4 +506,47 @@ impl ParseArgs for Cli {
     fn try_parse_from_args(argv: Vec<String>) -> Cli {
         <Cli as clap::Parser>::try_parse_from(argv).expect("test arguments parse")
     }
+}
+
+/// The real binary, with none of the settings of the developer's shell.
+pub fn binary() -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_aom-terminator"));
+    // Only what each test sets: no stray settings from the developer's shell.
+    for var in [
+        "AMQP_URL",
+        "DATABASE_URL",
+        "AOM_ENDPOINT",
+        "AOM_AUTH_TOKEN",
+        "TERMINATE_QUEUE",
+        "DEAD_LETTER_QUEUE",
+        "CONCURRENCY",
+        "PREFETCH",
+        "MAX_ATTEMPTS",
+        "SHUTDOWN_GRACE",
+        "BACKOFF_INITIAL_MS",
+        "BACKOFF_MAX_MS",
+        "HTTP_TIMEOUT_MS",
+        "LOG_FORMAT",
+        "RUST_LOG",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd.kill_on_drop(true);
+    cmd
+}
+
+pub async fn output(mut child: Child) -> (Option<i32>, String) {
+    let mut stderr = child.stderr.take().expect("stderr piped");
+    let mut stdout = child.stdout.take().expect("stdout piped");
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .expect("exits within a minute")
+        .expect("wait");
+    let (mut out, mut err) = (String::new(), String::new());
+    let _ = stdout.read_to_string(&mut out).await;
+    let _ = stderr.read_to_string(&mut err).await;
+    (status.code(), out + &err)
 }

@@ -1,0 +1,350 @@
+//! Faults: the promise is that every request that reached the queue ends
+//! with exactly one final outcome in the audit, whatever fails in between,
+//! and that a request is sent twice only where a crash left no way to know
+//! it was sent — and then the audit says so.
+
+#[path = "../pipeline/helpers.rs"]
+mod helpers;
+mod proxy;
+
+use aom_terminator::sandbox::SandboxArgs;
+use helpers::*;
+use lapin::options::{BasicConsumeOptions, BasicNackOptions};
+use lapin::types::FieldTable;
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// Executions per request id, for checking the sandbox's per-execution counts.
+fn executions(prefix: &str, n: usize) -> Vec<(String, String)> {
+    (0..n)
+        .map(|i| (format!("{prefix}{i}"), format!("ex-{prefix}{i}")))
+        .collect()
+}
+
+/// Publish `reqs` as a mix of batches of 50 and single messages.
+async fn publish_mixed(env: &TestEnv, reqs: &[(String, String)]) {
+    let (batched, singles) = reqs.split_at(reqs.len() / 2);
+    for chunk in batched.chunks(50) {
+        let elements: Vec<String> = chunk.iter().map(|(r, e)| request(r, e)).collect();
+        env.publish(&batch(&elements), None).await;
+    }
+    for (r, e) in singles {
+        env.publish(&request(r, e), None).await;
+    }
+}
+
+async fn outcome_counts(env: &TestEnv) -> HashMap<String, i64> {
+    sqlx::query_as::<_, (String, i64)>(
+        "SELECT outcome, count(*) FROM termination_outcomes GROUP BY 1",
+    )
+    .fetch_all(&env.db)
+    .await
+    .expect("counts")
+    .into_iter()
+    .collect()
+}
+
+/// Every request the API saw more often than the audit has attempts for
+/// (calls a crashed daemon made and never recorded) must be flagged in the
+/// audit as possibly sent twice. Returns how many there were.
+async fn double_sends_are_flagged(env: &TestEnv, reqs: &[(String, String)]) -> u64 {
+    let audit: HashMap<String, (bool, i32)> = sqlx::query_as::<_, (String, bool, i32)>(
+        "SELECT request_id, redelivered, attempts FROM termination_outcomes",
+    )
+    .fetch_all(&env.db)
+    .await
+    .expect("audit")
+    .into_iter()
+    .map(|(r, flagged, attempts)| (r, (flagged, attempts)))
+    .collect();
+    let mut doubles = 0;
+    for (r, e) in reqs {
+        let calls = env.sandbox.sandbox().calls_for(PROJECT, "wf-test", e);
+        let (flagged, attempts) = audit.get(r).copied().unwrap_or((false, 0));
+        assert!(calls >= 1, "{r} never reached the API");
+        assert!(
+            calls >= attempts as u64,
+            "{r}: more attempts recorded than calls made"
+        );
+        if calls > attempts as u64 {
+            doubles += 1;
+            assert!(
+                flagged,
+                "{r}: {calls} calls, {attempts} recorded, and not flagged"
+            );
+        }
+    }
+    doubles
+}
+
+#[tokio::test]
+async fn broker_connection_lost_mid_run() {
+    let env = TestEnv::with_sandbox(SandboxArgs {
+        latency: Duration::from_millis(5),
+        ..SandboxArgs::default()
+    })
+    .await;
+    let upstream = amqp_addr(&env.amqp_url);
+    let proxy = proxy::Proxy::start(upstream).await;
+    let via_proxy = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    let reqs = executions("b", 1500);
+    publish_mixed(&env, &reqs).await;
+    let daemon = env.start_daemon(&["--amqp-url", &via_proxy, "--concurrency", "32"]);
+    eventually("some progress", || async { env.outcomes().await >= 300 }).await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.restore();
+    env.wait_outcomes(1500).await;
+    eventually("everything acked", || async {
+        env.ready_requests().await == 0
+    })
+    .await;
+    assert_eq!(outcome_counts(&env).await.get("succeeded"), Some(&1500));
+    // Redelivered messages whose requests were done or in flight were not
+    // sent again: the connection loss cost no duplicate call.
+    assert_eq!(
+        env.sandbox.sandbox().stats().calls,
+        1500,
+        "no request sent twice"
+    );
+    assert!(
+        env.count(
+            "SELECT coalesce(sum(skipped_redeliveries), 0)::bigint FROM termination_outcomes"
+        )
+        .await
+            > 0,
+        "the cut caused redeliveries, and they were absorbed"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn postgres_refusing_connections_mid_run() {
+    let env = TestEnv::with_sandbox(SandboxArgs {
+        latency: Duration::from_millis(5),
+        ..SandboxArgs::default()
+    })
+    .await;
+    let reqs = executions("p", 1000);
+    publish_mixed(&env, &reqs).await;
+    let daemon = env.start_daemon(&["--concurrency", "32"]);
+    eventually("some progress", || async { env.outcomes().await >= 200 }).await;
+    let db = env.database_name();
+    let admin = env.admin_pool().await;
+    sqlx::query(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS false"))
+        .execute(&admin)
+        .await
+        .expect("refuse connections");
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()")
+        .bind(&db)
+        .execute(&admin)
+        .await
+        .expect("kill the daemon's connections");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // While the audit cannot be written, nothing new is taken and nothing
+    // uncommitted is acked: what is left in the queue is still there.
+    let ready_during = env.ready_requests().await;
+    sqlx::query(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true"))
+        .execute(&admin)
+        .await
+        .expect("allow connections");
+    assert!(
+        ready_during > 0,
+        "consumption paused while the database was away"
+    );
+    env.wait_outcomes(1000).await;
+    eventually("everything acked", || async {
+        env.ready_requests().await == 0
+    })
+    .await;
+    assert_eq!(outcome_counts(&env).await.get("succeeded"), Some(&1000));
+    // Outcomes known during the outage were kept and written later, not
+    // re-sent.
+    assert_eq!(
+        env.sandbox.sandbox().stats().calls,
+        1000,
+        "no request sent twice"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn sigkill_mid_run_then_restart() {
+    let env = TestEnv::with_sandbox(SandboxArgs {
+        latency: Duration::from_millis(10),
+        ..SandboxArgs::default()
+    })
+    .await;
+    let reqs = executions("k", 3000);
+    publish_mixed(&env, &reqs).await;
+    let first = binary()
+        .arg("run")
+        .envs(env.binary_env())
+        .env("CONCURRENCY", "64")
+        .spawn()
+        .expect("spawn");
+    eventually("a third done", || async { env.outcomes().await >= 1000 }).await;
+    let pid = first.id().expect("pid").to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &pid])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let _ = output(first).await;
+    let done_at_kill = env.outcomes().await;
+    assert!(done_at_kill < 3000, "killed mid-run");
+
+    let daemon = env.start_daemon(&["--concurrency", "64"]);
+    env.wait_outcomes(3000).await;
+    eventually("everything acked", || async {
+        env.ready_requests().await == 0
+    })
+    .await;
+    assert_eq!(outcome_counts(&env).await.get("succeeded"), Some(&3000));
+    let doubles = double_sends_are_flagged(&env, &reqs).await;
+    // Only what the killed daemon held could be repeated.
+    assert!(
+        doubles < 3000 - done_at_kill as u64,
+        "{doubles} requests sent twice"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn two_daemons_one_killed_and_restarted() {
+    let env = TestEnv::new().await;
+    // 2% answer 500 then 200, 1% answer 404, the rest 200.
+    let reqs: Vec<(String, String)> = (0..20_000)
+        .map(|i| {
+            let ex = match i % 100 {
+                0 | 1 => format!("flaky-{i}"),
+                2 => format!("e404-{i}"),
+                _ => format!("ex-{i}"),
+            };
+            (format!("t{i}"), ex)
+        })
+        .collect();
+    for chunk in reqs.chunks(200) {
+        let elements: Vec<String> = chunk.iter().map(|(r, e)| request(r, e)).collect();
+        env.publish(&batch(&elements), None).await;
+    }
+    let spawn = || {
+        binary()
+            .arg("run")
+            .envs(env.binary_env())
+            .env("CONCURRENCY", "64")
+            .env("PREFETCH", "4")
+            .spawn()
+            .expect("spawn")
+    };
+    let a = spawn();
+    let b = spawn();
+    eventually("a quarter done", || async { env.outcomes().await >= 5000 }).await;
+    let pid = a.id().expect("pid").to_string();
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", &pid])
+        .status();
+    let _ = output(a).await;
+    let a2 = spawn();
+    env.wait_outcomes(20_000).await;
+    eventually("everything acked", || async {
+        env.ready_requests().await == 0
+    })
+    .await;
+    let counts = outcome_counts(&env).await;
+    assert_eq!(counts.get("succeeded"), Some(&19_800), "{counts:?}");
+    assert_eq!(counts.get("failed_permanent"), Some(&200), "{counts:?}");
+    assert_eq!(counts.len(), 2, "{counts:?}");
+    double_sends_are_flagged(&env, &reqs).await;
+    for child in [a2, b] {
+        let pid = child.id().expect("pid").to_string();
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status();
+        let (code, out) = output(child).await;
+        assert_eq!(code, Some(0), "{out}");
+    }
+}
+
+#[tokio::test]
+async fn a_hung_api_is_a_timeout_and_never_exceeds_the_concurrency() {
+    let env = TestEnv::new().await;
+    let elements: Vec<String> = (0..40)
+        .map(|i| request(&format!("h{i}"), &format!("slow-60000-{i}")))
+        .collect();
+    env.publish(&batch(&elements), None).await;
+    let daemon = env.start_daemon(&[
+        "--concurrency",
+        "8",
+        "--http-timeout-ms",
+        "300",
+        "--max-attempts",
+        "2",
+    ]);
+    env.wait_outcomes(40).await;
+    assert_eq!(
+        outcome_counts(&env).await.get("failed_retries_exhausted"),
+        Some(&40)
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM termination_attempts WHERE error_kind = 'timeout'")
+            .await,
+        80
+    );
+    assert!(env.sandbox.sandbox().stats().max_in_flight <= 8);
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_message_redelivered_too_often_is_dead_lettered_by_the_broker() {
+    let env = TestEnv::new().await;
+    env.set_delivery_limit(3).await;
+    env.publish(&request("poison", "ex-poison"), Some("poison-1"))
+        .await;
+    // A consumer that keeps crashing: every delivery comes back.
+    let channel = env.channel().await;
+    let mut consumer = channel
+        .basic_consume(
+            env.queue.as_str().into(),
+            "crasher".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut deliveries = 0;
+    while let Ok(Some(Ok(delivery))) = tokio::time::timeout(
+        Duration::from_secs(3),
+        futures_util::StreamExt::next(&mut consumer),
+    )
+    .await
+    {
+        deliveries += 1;
+        delivery
+            .acker
+            .nack(BasicNackOptions {
+                multiple: false,
+                requeue: true,
+            })
+            .await
+            .expect("nack");
+    }
+    assert!(
+        deliveries <= 4,
+        "delivered {deliveries} times: the limit did not hold"
+    );
+    let letters = env.drain_dead_letters().await;
+    assert_eq!(letters.len(), 1, "the broker dead-lettered it");
+}
+
+fn amqp_addr(url: &str) -> std::net::SocketAddr {
+    let uri: lapin::uri::AMQPUri = url.parse().expect("AMQP_URL");
+    let host = if uri.authority.host == "localhost" {
+        "127.0.0.1".to_owned()
+    } else {
+        uri.authority.host
+    };
+    format!("{host}:{}", uri.authority.port)
+        .parse()
+        .expect("broker address")
+}
