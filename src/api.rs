@@ -419,6 +419,7 @@ mod tests {
             execution_id: ExecutionId::parse("ex?a=1#é").expect("e"),
             reason: None,
             requested_by: None,
+            replay_of: None,
         };
         assert_eq!(
             client.url_for(&req),

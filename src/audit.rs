@@ -50,6 +50,8 @@ pub struct FinalRecord {
     pub finished_at: DateTime<Utc>,
     pub redelivered: bool,
     pub message_id: Option<String>,
+    /// The request this one replays from the dead-letter queue.
+    pub replay_of: Option<String>,
 }
 
 /// One thing to commit.
@@ -323,6 +325,7 @@ struct OutcomeColumns<'a> {
     finished_at: Vec<DateTime<Utc>>,
     redelivered: Vec<bool>,
     message_id: Vec<Option<&'a str>>,
+    replay_of: Vec<Option<&'a str>>,
 }
 
 impl<'a> From<&[&'a FinalRecord]> for OutcomeColumns<'a> {
@@ -344,6 +347,7 @@ impl<'a> From<&[&'a FinalRecord]> for OutcomeColumns<'a> {
             finished_at: Vec::with_capacity(n),
             redelivered: Vec::with_capacity(n),
             message_id: Vec::with_capacity(n),
+            replay_of: Vec::with_capacity(n),
         };
         for r in records {
             c.request_id.push(&r.request_id);
@@ -362,6 +366,7 @@ impl<'a> From<&[&'a FinalRecord]> for OutcomeColumns<'a> {
             c.finished_at.push(r.finished_at);
             c.redelivered.push(r.redelivered);
             c.message_id.push(r.message_id.as_deref());
+            c.replay_of.push(r.replay_of.as_deref());
         }
         c
     }
@@ -375,15 +380,15 @@ impl OutcomeColumns<'_> {
             "WITH input AS ( \
                SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
                  $6::int[], $7::text[], $8::text[], $9::int[], $10::text[], $11::text[], \
-                 $12::timestamptz[], $13::timestamptz[], $14::bool[], $15::text[]) \
+                 $12::timestamptz[], $13::timestamptz[], $14::bool[], $15::text[], $16::text[]) \
                AS t(request_id, project_id, workflow_id, execution_id, outcome, http_status, \
                  error_code, error_msg, attempts, reason, requested_by, received_at, \
-                 finished_at, redelivered, message_id) \
+                 finished_at, redelivered, message_id, replay_of) \
              ), applied AS ( \
                INSERT INTO termination_outcomes AS o \
                  (request_id, project_id, workflow_id, execution_id, outcome, http_status, \
                   error_code, error_msg, attempts, reason, requested_by, received_at, \
-                  finished_at, redelivered, message_id) \
+                  finished_at, redelivered, message_id, replay_of) \
                SELECT * FROM input \
                ON CONFLICT (request_id) DO UPDATE SET \
                  project_id = EXCLUDED.project_id, workflow_id = EXCLUDED.workflow_id, \
@@ -393,14 +398,14 @@ impl OutcomeColumns<'_> {
                  reason = EXCLUDED.reason, requested_by = EXCLUDED.requested_by, \
                  received_at = EXCLUDED.received_at, finished_at = EXCLUDED.finished_at, \
                  redelivered = EXCLUDED.redelivered, message_id = EXCLUDED.message_id, \
-                 recorded_at = clock_timestamp() \
+                 replay_of = EXCLUDED.replay_of, recorded_at = clock_timestamp() \
                WHERE o.outcome = 'rejected' \
                RETURNING o.request_id \
              ) \
              INSERT INTO termination_outcome_history \
                (why, request_id, project_id, workflow_id, execution_id, outcome, http_status, \
                 error_code, error_msg, attempts, reason, requested_by, received_at, \
-                finished_at, redelivered, message_id) \
+                finished_at, redelivered, message_id, replay_of) \
              SELECT CASE WHEN i.outcome = 'rejected' THEN 'rejected_after_final' \
                          ELSE 'duplicate' END, i.* \
              FROM input i WHERE i.request_id NOT IN (SELECT request_id FROM applied)",
@@ -420,6 +425,7 @@ impl OutcomeColumns<'_> {
         .bind(self.finished_at)
         .bind(self.redelivered)
         .bind(self.message_id)
+        .bind(self.replay_of)
         .execute(tx)
         .await?;
         Ok(())
@@ -571,6 +577,7 @@ mod tests {
             finished_at: Utc::now(),
             redelivered: false,
             message_id: None,
+            replay_of: None,
         }
     }
 

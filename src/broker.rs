@@ -57,11 +57,13 @@ pub fn request_queue_arguments(s: &AmqpSettings) -> FieldTable {
     args
 }
 
-/// The dead-letter queue is a durable quorum queue too: dead letters are
-/// exactly what must not be lost.
+/// The dead-letter queue is a durable classic queue. Not a quorum queue:
+/// RabbitMQ 4.x gives quorum queues a default delivery limit of 20, and
+/// operators inspect dead letters by taking them and putting them back, so
+/// a few `dead-letters list` runs would make the broker drop them.
 pub fn dead_letter_queue_arguments() -> FieldTable {
     let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), text("quorum"));
+    args.insert("x-queue-type".into(), text("classic"));
     args
 }
 
@@ -356,5 +358,126 @@ impl DeadLetters {
             Confirmation::Nack(_) => Err(BrokerError::NotConfirmed("nacked by the broker")),
             Confirmation::NotRequested => Err(BrokerError::NotConfirmed("confirms not enabled")),
         }
+    }
+}
+
+/// A short-lived connection for the operator tools: one confirm-mode
+/// channel to take messages from a queue and publish to another.
+pub struct Admin {
+    connection: Connection,
+    channel: Channel,
+}
+
+/// A message taken from a queue; unacked until `ack`, and returned to the
+/// queue when the `Admin` closes.
+pub struct Taken {
+    pub body: Vec<u8>,
+    pub headers: std::collections::BTreeMap<String, String>,
+    acker: lapin::Acker,
+}
+
+impl Taken {
+    pub async fn ack(&self) -> Result<(), BrokerError> {
+        self.acker
+            .ack(BasicAckOptions { multiple: false })
+            .await
+            .map(|_| ())
+            .map_err(call("ack a message"))
+    }
+}
+
+impl Admin {
+    pub async fn open(s: &AmqpSettings) -> Result<Self, BrokerError> {
+        let connection = connect(s, "aom-terminator-admin").await?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(call("open a channel"))?;
+        declare_topology(&channel, s).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions { nowait: false })
+            .await
+            .map_err(call("enable publisher confirms"))?;
+        Ok(Self {
+            connection,
+            channel,
+        })
+    }
+
+    /// The next ready message of `queue`, if any, held unacked.
+    pub async fn take(&self, queue: &str) -> Result<Option<Taken>, BrokerError> {
+        let got = self
+            .channel
+            .basic_get(
+                queue.into(),
+                lapin::options::BasicGetOptions { no_ack: false },
+            )
+            .await
+            .map_err(call("take a message"))?;
+        Ok(got.map(|m| {
+            let d = m.delivery;
+            let headers = d
+                .properties
+                .headers()
+                .as_ref()
+                .map(|h| {
+                    h.inner()
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), header_text(v)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            Taken {
+                body: d.data,
+                headers,
+                acker: d.acker,
+            }
+        }))
+    }
+
+    /// Publish a persistent message to `queue` and wait for the broker's
+    /// confirm; an unroutable message is an error, not a silent drop.
+    pub async fn publish(&self, queue: &str, body: &[u8]) -> Result<(), BrokerError> {
+        let confirm = self
+            .channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                body,
+                BasicProperties::default()
+                    .with_content_type("application/json".into())
+                    .with_delivery_mode(2),
+            )
+            .await
+            .map_err(call("publish"))?
+            .await
+            .map_err(call("await the publisher confirm"))?;
+        match confirm {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(_)) => Err(BrokerError::NotConfirmed("unroutable")),
+            Confirmation::Nack(_) => Err(BrokerError::NotConfirmed("nacked by the broker")),
+            Confirmation::NotRequested => Err(BrokerError::NotConfirmed("confirms not enabled")),
+        }
+    }
+
+    /// Close; messages taken and not acked return to their queue.
+    pub async fn close(self) {
+        let _ = self.channel.close(200, "done".into()).await;
+        let _ = self.connection.close(200, "done".into()).await;
+    }
+}
+
+fn header_text(v: &AMQPValue) -> String {
+    match v {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.to_string(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        AMQPValue::Boolean(b) => b.to_string(),
+        other => format!("{other:?}"),
     }
 }

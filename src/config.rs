@@ -40,6 +40,8 @@ pub enum Command {
     Migrate(DatabaseArgs),
     /// Serve a fake AOM terminate API for trials, tests and benchmarks.
     Sandbox(Box<SandboxArgs>),
+    /// Inspect the dead-letter queue, and replay requests from it.
+    DeadLetters(Box<crate::deadletters::DeadLettersArgs>),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -69,8 +71,9 @@ impl DatabaseArgs {
     }
 }
 
+/// The broker and the queues, shared by the daemon and the operator tools.
 #[derive(Debug, Clone, Args)]
-pub struct RunArgs {
+pub struct BrokerArgs {
     /// AMQP URL of the broker (add `?heartbeat=N` to change the 10 s heartbeat).
     #[arg(
         long,
@@ -81,13 +84,6 @@ pub struct RunArgs {
         value_parser = secret
     )]
     pub amqp_url: SecretString,
-    #[command(flatten)]
-    pub database: DatabaseArgs,
-    /// Base URL of the AOM API, e.g. https://aom.cn-north-4.myhuaweicloud.com
-    #[arg(long, env = "AOM_ENDPOINT")]
-    pub aom_endpoint: String,
-    #[command(flatten)]
-    pub auth: AuthArgs,
     /// Queue the termination requests arrive on.
     #[arg(
         long,
@@ -101,6 +97,50 @@ pub struct RunArgs {
     /// Deliveries of one message before the broker dead-letters it (x-delivery-limit).
     #[arg(long, env = "DELIVERY_LIMIT", default_value_t = 20)]
     pub delivery_limit: u32,
+}
+
+impl BrokerArgs {
+    pub fn settings(&self) -> Result<AmqpSettings, ConfigError> {
+        let err = |s: String| Err(ConfigError(s));
+        let mut uri = AMQPUri::from_str(self.amqp_url.expose_secret()).map_err(|_| {
+            // The parser's message repeats the URL, password included.
+            ConfigError("AMQP_URL is not a valid amqp:// or amqps:// URL".to_owned())
+        })?;
+        uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
+        for (name, value) in [
+            ("TERMINATE_QUEUE", &self.terminate_queue),
+            ("DEAD_LETTER_QUEUE", &self.dead_letter_queue),
+        ] {
+            if value.is_empty() || value.len() > 255 {
+                return err(format!("{name} must be 1..255 bytes"));
+            }
+        }
+        if self.terminate_queue == self.dead_letter_queue {
+            return err("TERMINATE_QUEUE and DEAD_LETTER_QUEUE must differ".to_owned());
+        }
+        if self.delivery_limit == 0 {
+            return err("DELIVERY_LIMIT must be at least 1".to_owned());
+        }
+        Ok(AmqpSettings {
+            uri,
+            queue: self.terminate_queue.clone(),
+            dead_letter_queue: self.dead_letter_queue.clone(),
+            delivery_limit: self.delivery_limit,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Base URL of the AOM API, e.g. https://aom.cn-north-4.myhuaweicloud.com
+    #[arg(long, env = "AOM_ENDPOINT")]
+    pub aom_endpoint: String,
+    #[command(flatten)]
+    pub auth: AuthArgs,
     /// Most API calls in flight at once, across all messages.
     #[arg(long, env = "CONCURRENCY", default_value_t = 64)]
     pub concurrency: u32,
@@ -371,11 +411,7 @@ const DEFAULT_HEARTBEAT_SECS: u16 = 10;
 impl RunArgs {
     pub fn validate(&self) -> Result<DaemonConfig, ConfigError> {
         let err = |s: String| Err(ConfigError(s));
-        let mut uri = AMQPUri::from_str(self.amqp_url.expose_secret()).map_err(|_| {
-            // The parser's message repeats the URL, password included.
-            ConfigError("AMQP_URL is not a valid amqp:// or amqps:// URL".to_owned())
-        })?;
-        uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
+        let amqp = self.broker.settings()?;
         let endpoint = match reqwest::Url::parse(self.aom_endpoint.trim()) {
             Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => u,
             Ok(_) => return err("AOM_ENDPOINT must be an http:// or https:// URL".to_owned()),
@@ -388,20 +424,6 @@ impl RunArgs {
             return err("AOM_ENDPOINT must not have a query string".to_owned());
         }
         let auth = self.auth.validate()?;
-        for (name, value) in [
-            ("TERMINATE_QUEUE", &self.terminate_queue),
-            ("DEAD_LETTER_QUEUE", &self.dead_letter_queue),
-        ] {
-            if value.is_empty() || value.len() > 255 {
-                return err(format!("{name} must be 1..255 bytes"));
-            }
-        }
-        if self.terminate_queue == self.dead_letter_queue {
-            return err("TERMINATE_QUEUE and DEAD_LETTER_QUEUE must differ".to_owned());
-        }
-        if self.delivery_limit == 0 {
-            return err("DELIVERY_LIMIT must be at least 1".to_owned());
-        }
         if !(1..=10_000).contains(&self.concurrency) {
             return err("CONCURRENCY must be 1..10000".to_owned());
         }
@@ -432,12 +454,7 @@ impl RunArgs {
             return err("HTTP_TIMEOUT_MS must be above 0".to_owned());
         }
         Ok(DaemonConfig {
-            amqp: AmqpSettings {
-                uri,
-                queue: self.terminate_queue.clone(),
-                dead_letter_queue: self.dead_letter_queue.clone(),
-                delivery_limit: self.delivery_limit,
-            },
+            amqp,
             database: DatabaseSettings(self.database.connect_options()?),
             endpoint,
             auth,

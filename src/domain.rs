@@ -78,6 +78,8 @@ pub struct TerminationRequest {
     pub execution_id: ExecutionId,
     pub reason: Option<String>,
     pub requested_by: Option<String>,
+    /// Set on a replay from the dead-letter queue: the original request_id.
+    pub replay_of: Option<String>,
 }
 
 /// The final outcome of a request, as stored in `termination_outcomes.outcome`.
@@ -116,6 +118,7 @@ pub struct Rejection {
     pub execution_id: Option<String>,
     pub reason: Option<String>,
     pub requested_by: Option<String>,
+    pub replay_of: Option<String>,
     pub error: String,
 }
 
@@ -157,6 +160,7 @@ impl ParsedMessage {
                 execution_id: None,
                 reason: None,
                 requested_by: None,
+                replay_of: None,
                 error,
             })
         };
@@ -247,6 +251,7 @@ fn parse_element(value: Value, index: usize, seed: &IdSeed) -> Item {
             execution_id: None,
             reason: None,
             requested_by: None,
+            replay_of: None,
             error: format!("request must be a JSON object, got {}", json_type(&value)),
         });
     };
@@ -261,6 +266,7 @@ fn parse_element(value: Value, index: usize, seed: &IdSeed) -> Item {
     let request_id = request_id.unwrap_or_else(|| seed.derive(index));
     let reason = optional_text(&obj, "reason", &mut errors);
     let requested_by = optional_text(&obj, "requested_by", &mut errors);
+    let replay_of = optional_text(&obj, "replay_of", &mut errors);
     let project = required_id(&obj, "project_id", ProjectId::parse, &mut errors);
     let workflow = required_id(&obj, "workflow_id", WorkflowId::parse, &mut errors);
     let execution = required_id(&obj, "execution_id", ExecutionId::parse, &mut errors);
@@ -273,6 +279,7 @@ fn parse_element(value: Value, index: usize, seed: &IdSeed) -> Item {
                 execution_id,
                 reason,
                 requested_by,
+                replay_of,
             })
         }
         (project, workflow, execution) => Item::Invalid(Rejection {
@@ -282,6 +289,7 @@ fn parse_element(value: Value, index: usize, seed: &IdSeed) -> Item {
             execution_id: raw(execution),
             reason,
             requested_by,
+            replay_of,
             error: errors.join("; "),
         }),
     }

@@ -14,6 +14,7 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod daemon;
+pub mod deadletters;
 pub mod dispatch;
 pub mod domain;
 pub mod pipeline;

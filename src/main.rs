@@ -2,8 +2,8 @@
 //! the chosen subcommand until a signal.
 
 use aom_terminator::audit::Audit;
-use aom_terminator::config::{Cli, Command, one_line};
-use aom_terminator::{daemon, sandbox, telemetry};
+use aom_terminator::config::{Cli, Command, ConfigError, one_line};
+use aom_terminator::{daemon, deadletters, sandbox, telemetry};
 use clap::{CommandFactory, Parser};
 use std::process::ExitCode;
 
@@ -58,6 +58,13 @@ fn main() -> ExitCode {
                 }
             },
             Command::Sandbox(args) => sandbox::run(*args, shutdown_signal()).await,
+            Command::DeadLetters(args) => match deadletters::run(*args).await {
+                Err(e) if e.is::<ConfigError>() => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+                other => other,
+            },
         };
         match result {
             Ok(()) => ExitCode::SUCCESS,

@@ -123,6 +123,7 @@ impl Pipeline {
                 finished_at,
                 redelivered: cx.message.redelivered,
                 message_id: cx.message.message_id.clone(),
+                replay_of: r.replay_of,
             })))
         });
         futures_util::future::join_all(commits)
@@ -257,6 +258,7 @@ impl Pipeline {
             finished_at: Utc::now(),
             redelivered: cx.message.redelivered,
             message_id: cx.message.message_id.clone(),
+            replay_of: req.replay_of.clone(),
             attempts: dispatched.attempts,
         };
         log_outcome(&record);
@@ -370,6 +372,7 @@ fn exhausted_letter(
         "execution_id": req.execution_id.as_str(),
         "reason": req.reason,
         "requested_by": req.requested_by,
+        "replay_of": req.replay_of,
     });
     let last = r.attempts.last();
     let mut headers = vec![

@@ -560,6 +560,8 @@ struct Inner {
     latency: Duration,
     ratios: FailRatios,
     identity: Identity,
+    /// Non-zero: every terminate call answers this status (an outage).
+    outage: std::sync::atomic::AtomicU16,
     stats: Stats,
 }
 
@@ -600,6 +602,7 @@ impl Sandbox {
                     },
                     args.ak.clone().zip(args.sk.clone()),
                 ),
+                outage: std::sync::atomic::AtomicU16::new(0),
                 stats: Stats::new(),
             }),
         }
@@ -674,6 +677,13 @@ impl Sandbox {
             .expected_token
             .write()
             .unwrap_or_else(PoisonError::into_inner) = token;
+    }
+
+    /// An outage: every terminate call answers `status` until `None`.
+    pub fn set_outage(&self, status: Option<u16>) {
+        self.inner
+            .outage
+            .store(status.unwrap_or(0), Ordering::Relaxed);
     }
 
     /// Make the fake IAM answer 503 (`false`) or issue tokens again (`true`).
@@ -916,6 +926,10 @@ async fn decide(
     );
     if !authenticated {
         return Reply::Status(401);
+    }
+    let outage = app.sandbox.inner.outage.load(Ordering::Relaxed);
+    if outage != 0 {
+        return Reply::Status(outage);
     }
     let outcome = match script {
         Err(msg) => return Reply::Invalid(msg),

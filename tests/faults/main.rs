@@ -348,3 +348,79 @@ fn amqp_addr(url: &str) -> std::net::SocketAddr {
         .parse()
         .expect("broker address")
 }
+
+#[tokio::test]
+async fn a_long_api_outage_ends_in_dead_letters_that_can_be_replayed() {
+    let env = TestEnv::new().await;
+    env.sandbox.sandbox().set_outage(Some(500));
+    let reqs = executions("o", 20);
+    publish_mixed(&env, &reqs).await;
+    let daemon = env.start_daemon(&["--max-attempts", "3"]);
+    env.wait_outcomes(20).await;
+    assert_eq!(
+        outcome_counts(&env).await.get("failed_retries_exhausted"),
+        Some(&20)
+    );
+    eventually("acked", || async { env.ready_requests().await == 0 }).await;
+
+    // The operator looks, then replays once the API is back.
+    let list = binary()
+        .args(["dead-letters", "list", "--format", "json"])
+        .envs(env.binary_env_without_auth())
+        .spawn()
+        .expect("spawn list");
+    let (code, out) = output(list).await;
+    assert_eq!(code, Some(0), "{out}");
+    let listed: Vec<serde_json::Value> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert_eq!(listed.len(), 20, "{out}");
+    assert!(
+        listed
+            .iter()
+            .all(|l| l["reason"] == "failed_retries_exhausted" && l["http_status"] == "500")
+    );
+
+    env.sandbox.sandbox().set_outage(None);
+    let replay = binary()
+        .args([
+            "dead-letters",
+            "replay",
+            "--reason",
+            "failed-retries-exhausted",
+        ])
+        .envs(env.binary_env_without_auth())
+        .spawn()
+        .expect("spawn replay");
+    let (code, out) = output(replay).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("replayed 20 request(s)"), "{out}");
+
+    env.wait_outcomes(40).await;
+    let links: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT r.request_id, r.outcome, o.outcome FROM termination_outcomes r \
+         JOIN termination_outcomes o ON o.request_id = r.replay_of ORDER BY r.request_id",
+    )
+    .fetch_all(&env.db)
+    .await
+    .expect("replay links");
+    assert_eq!(links.len(), 20, "every replay is linked to its original");
+    assert!(links.iter().all(
+        |(_, replay, original)| replay == "succeeded" && original == "failed_retries_exhausted"
+    ));
+    assert!(
+        env.drain_dead_letters().await.is_empty(),
+        "the replayed letters left the queue"
+    );
+
+    // Asking for nothing in particular is a usage error.
+    let vague = binary()
+        .args(["dead-letters", "replay"])
+        .envs(env.binary_env_without_auth())
+        .spawn()
+        .expect("spawn");
+    let (code, out) = output(vague).await;
+    assert_eq!(code, Some(2), "{out}");
+    daemon.stop().await;
+}
