@@ -524,9 +524,14 @@ impl std::fmt::Debug for Job {
 impl AuditWriter {
     /// Start the writer. It runs until every `AuditWriter` clone is dropped
     /// and the queue is drained; `abort` makes pending writes give up.
-    pub fn spawn(audit: Audit, abort: CancellationToken) -> (Self, tokio::task::JoinHandle<()>) {
+    /// `flush_seconds` observes how long each flush takes.
+    pub fn spawn(
+        audit: Audit,
+        abort: CancellationToken,
+        flush_seconds: prometheus_client::metrics::histogram::Histogram,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(4 * MAX_FLUSH);
-        let handle = tokio::spawn(write_loop(audit, rx, abort));
+        let handle = tokio::spawn(write_loop(audit, rx, abort, flush_seconds));
         (Self { tx }, handle)
     }
 
@@ -541,14 +546,21 @@ impl AuditWriter {
     }
 }
 
-async fn write_loop(audit: Audit, mut rx: mpsc::Receiver<Job>, abort: CancellationToken) {
+async fn write_loop(
+    audit: Audit,
+    mut rx: mpsc::Receiver<Job>,
+    abort: CancellationToken,
+    flush_seconds: prometheus_client::metrics::histogram::Histogram,
+) {
     let mut jobs = Vec::with_capacity(MAX_FLUSH);
     while rx.recv_many(&mut jobs, MAX_FLUSH).await > 0 {
+        let started = std::time::Instant::now();
         let records: Vec<&Record> = jobs.iter().map(|j| &j.record).collect();
         let committed = audit
             .until_done("audit write", &abort, || audit.write(&records))
             .await
             .is_some();
+        flush_seconds.observe(started.elapsed().as_secs_f64());
         for job in jobs.drain(..) {
             let _ = job.done.send(committed);
         }

@@ -180,6 +180,19 @@ impl Session {
         }))
     }
 
+    /// Messages ready in `queue`, or `None` if the broker did not say.
+    pub async fn queue_depth(&self, queue: &str) -> Option<u32> {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..DURABLE
+        };
+        self.consume
+            .queue_declare(queue.into(), passive, FieldTable::default())
+            .await
+            .ok()
+            .map(|q| q.message_count())
+    }
+
     pub fn publish_channel(&self) -> Channel {
         self.publish.clone()
     }

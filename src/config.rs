@@ -167,6 +167,9 @@ pub struct RunArgs {
     /// Timeout of one API call; a number is milliseconds.
     #[arg(long, env = "HTTP_TIMEOUT_MS", default_value = "10000", value_parser = millis)]
     pub http_timeout_ms: Duration,
+    /// Address of /metrics, /healthz and /readyz; `off` disables the listener.
+    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9464", value_parser = metrics_addr)]
+    pub metrics_addr: MetricsAddr,
     /// Time in-flight requests get to finish after SIGTERM; a number is seconds (`30`, `2m`).
     #[arg(long, env = "SHUTDOWN_GRACE", default_value = "30", value_parser = seconds)]
     pub shutdown_grace: Duration,
@@ -359,6 +362,7 @@ pub struct DaemonConfig {
     pub backoff_max: Duration,
     pub http_timeout: Duration,
     pub shutdown_grace: Duration,
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// Broker settings. `uri` holds the password; its `Debug` is redacted.
@@ -467,8 +471,28 @@ impl RunArgs {
             backoff_max: self.backoff_max_ms,
             http_timeout: self.http_timeout_ms,
             shutdown_grace: self.shutdown_grace,
+            metrics_addr: match self.metrics_addr {
+                MetricsAddr::Off => None,
+                MetricsAddr::At(addr) => Some(addr),
+            },
         })
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsAddr {
+    Off,
+    At(std::net::SocketAddr),
+}
+
+fn metrics_addr(s: &str) -> Result<MetricsAddr, String> {
+    if s.trim().eq_ignore_ascii_case("off") {
+        return Ok(MetricsAddr::Off);
+    }
+    s.trim()
+        .parse()
+        .map(MetricsAddr::At)
+        .map_err(|_| "expected host:port (e.g. 127.0.0.1:9464) or `off`".to_owned())
 }
 
 fn secret(s: &str) -> Result<SecretString, String> {

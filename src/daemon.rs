@@ -11,6 +11,7 @@ use crate::broker::{DeadLetters, Session};
 use crate::config::DaemonConfig;
 use crate::dispatch::Dispatcher;
 use crate::domain::ParsedMessage;
+use crate::observe::{self, BrokerUp, Metrics, OutcomeLabel, Readiness};
 use crate::pipeline::{InFlight, Pipeline};
 use crate::retry::RetryPolicy;
 use crate::telemetry::cause_chain;
@@ -74,7 +75,13 @@ async fn serve(
         max: cfg.backoff_max,
         max_attempts: cfg.max_attempts,
     };
-    let (writer, writer_task) = AuditWriter::spawn(audit.clone(), abort.clone());
+    let metrics = Arc::new(Metrics::new());
+    let broker_up = Arc::new(BrokerUp::default());
+    let (writer, writer_task) = AuditWriter::spawn(
+        audit.clone(),
+        abort.clone(),
+        metrics.audit_write_latency.clone(),
+    );
     let (lookups, lookup_task) = FinalLookups::spawn(audit.clone(), abort.clone());
     let (publish_channel, dead_letters) = DeadLetters::new(cfg.amqp.clone());
     let pipeline = Arc::new(Pipeline {
@@ -83,6 +90,7 @@ async fn serve(
             policy,
             cfg.concurrency,
             cfg.rate_limit,
+            Arc::clone(&metrics),
             stop.clone(),
             abort.clone(),
         ),
@@ -94,7 +102,25 @@ async fn serve(
         concurrency: cfg.concurrency,
         source_queue: cfg.amqp.queue.clone(),
         abort: abort.clone(),
+        metrics: Arc::clone(&metrics),
     });
+    // Bound before anything is consumed: a taken port is a start-up error.
+    // It serves until the work is done (readiness holds the pipeline).
+    let listener_stop = CancellationToken::new();
+    let listener = match cfg.metrics_addr {
+        Some(addr) => {
+            let readiness = Arc::new(DaemonReadiness {
+                pipeline: Arc::clone(&pipeline),
+                broker: Arc::clone(&broker_up),
+            });
+            let task = observe::serve(addr, Arc::clone(&metrics), readiness, listener_stop.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (METRICS_ADDR): {e}"))?;
+            Some(task)
+        }
+        None => None,
+    };
+    let summary = tokio::spawn(summarise(Arc::clone(&metrics), stop.clone()));
     let tasks = TaskTracker::new();
     let credits = Arc::new(Semaphore::new(cfg.prefetch_requests));
     tracing::info!(
@@ -107,7 +133,8 @@ async fn serve(
     );
 
     let mut reconnect = reconnect_backoff();
-    let mut sessions = Vec::new();
+    let mut sessions: Vec<Session> = Vec::new();
+    let mut opened = 0u64;
     while !stop.is_cancelled() {
         let session = tokio::select! {
             s = Session::open(&cfg.amqp, cfg.prefetch) => s,
@@ -129,6 +156,11 @@ async fn serve(
             }
         };
         publish_channel.send_replace(Some(session.publish_channel()));
+        opened += 1;
+        if opened > 1 {
+            metrics.reconnects.inc();
+        }
+        broker_up.set(true);
         match consume(&session, &cfg, &pipeline, &credits, &tasks, &stop).await {
             Ok(()) if stop.is_cancelled() => {}
             Ok(()) => {
@@ -140,6 +172,7 @@ async fn serve(
                 "broker session failed; reconnecting"
             ),
         }
+        broker_up.set(false);
         // Keep the session (and its channels) until shutdown: in-flight
         // work from it may still ack on it if it is alive after all.
         sessions.push(session);
@@ -153,6 +186,10 @@ async fn serve(
     }
     tasks.close();
     tasks.wait().await;
+    listener_stop.cancel();
+    if let Some(listener) = listener {
+        let _ = listener.await;
+    }
     drop(pipeline);
     for (name, task) in [
         ("audit writer", writer_task),
@@ -165,6 +202,7 @@ async fn serve(
     for s in &sessions {
         s.close().await;
     }
+    summary.abort();
     tracing::info!("aom-terminator stopped");
     Ok(())
 }
@@ -206,6 +244,9 @@ async fn consume(
                 if !session.is_connected() {
                     return Err("the broker connection is gone".into());
                 }
+                if let Some(depth) = session.queue_depth(&cfg.amqp.queue).await {
+                    pipeline.metrics.queue_depth.set(i64::from(depth));
+                }
             }
             next = deliveries.next() => match next {
                 Some(Ok(message)) => {
@@ -227,6 +268,64 @@ async fn consume(
                 Some(Err(e)) => return Err(Box::new(e)),
                 None => return Ok(()),
             },
+        }
+    }
+}
+
+/// `/readyz`: the broker is connected, the audit database answers, and the
+/// daemon is not paused on bad credentials.
+struct DaemonReadiness {
+    pipeline: Arc<Pipeline>,
+    broker: Arc<BrokerUp>,
+}
+
+impl Readiness for DaemonReadiness {
+    fn ready(&self) -> Result<(), String> {
+        if !self.broker.get() {
+            return Err("the broker is not connected".to_owned());
+        }
+        if !self.pipeline.audit.is_healthy() {
+            return Err("the audit database is failing".to_owned());
+        }
+        if !self.pipeline.dispatcher.gate.is_open() {
+            return Err("paused: the AOM API refuses the credentials".to_owned());
+        }
+        Ok(())
+    }
+}
+
+/// One line a minute while there is work: what was done, and how fast.
+async fn summarise(metrics: Arc<Metrics>, stop: CancellationToken) {
+    const EVERY: Duration = Duration::from_secs(60);
+    let count = |outcome: &'static str| {
+        metrics
+            .requests
+            .get_or_create(&OutcomeLabel { outcome })
+            .get()
+    };
+    let mut last = 0u64;
+    let mut tick = tokio::time::interval(EVERY);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let succeeded = count("succeeded");
+        let failed = count("failed_permanent") + count("failed_retries_exhausted");
+        let rejected = count("rejected");
+        let done = succeeded + failed + rejected;
+        if done != last {
+            tracing::info!(
+                done,
+                succeeded,
+                failed,
+                rejected,
+                rate_per_s = (done - last) as f64 / EVERY.as_secs_f64(),
+                in_flight = metrics.in_flight.get(),
+                "progress"
+            );
+            last = done;
         }
     }
 }

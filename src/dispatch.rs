@@ -4,6 +4,7 @@
 
 use crate::api::{Attempt, ErrorKind, TerminateClient, Verdict};
 use crate::domain::{Outcome, TerminationRequest};
+use crate::observe::{Metrics, StatusLabel};
 use crate::retry::{ProbeSchedule, RetryPolicy};
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
@@ -30,6 +31,7 @@ pub struct Dispatcher {
     limiter: Option<Limiter>,
     /// Set by a 429: no call starts before this instant.
     throttled_until: Mutex<Option<Instant>>,
+    metrics: Arc<Metrics>,
     pub gate: AuthGate,
     /// Soft stop: requests that have not made their first call stay unsent.
     stop: CancellationToken,
@@ -43,6 +45,7 @@ impl Dispatcher {
         policy: RetryPolicy,
         concurrency: usize,
         rate_limit: Option<NonZeroU32>,
+        metrics: Arc<Metrics>,
         stop: CancellationToken,
         abort: CancellationToken,
     ) -> Self {
@@ -58,6 +61,7 @@ impl Dispatcher {
             calls: Arc::new(Semaphore::new(concurrency)),
             limiter,
             throttled_until: Mutex::new(None),
+            metrics,
             gate: AuthGate::new(),
             stop,
             abort,
@@ -192,8 +196,22 @@ impl Dispatcher {
                 return Call::Aborted; // the semaphore is never closed
             };
             self.pace().await;
-            match self.client.terminate(req).await {
-                Ok(attempt) => Call::Answered(attempt),
+            let m = &self.metrics;
+            m.in_flight.inc();
+            let answer = self.client.terminate(req).await;
+            m.in_flight.dec();
+            match answer {
+                Ok(attempt) => {
+                    m.attempts.inc();
+                    let status = match (attempt.http_status, attempt.error_kind) {
+                        (Some(code), _) => code.to_string(),
+                        (None, Some(kind)) => kind.as_str().to_owned(),
+                        (None, None) => "unknown".to_owned(),
+                    };
+                    m.api_calls.get_or_create(&StatusLabel { status }).inc();
+                    m.api_latency.observe(attempt.latency.as_secs_f64());
+                    Call::Answered(attempt)
+                }
                 Err(e) => Call::NoCredential(e),
             }
         };

@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod deadletters;
 pub mod dispatch;
 pub mod domain;
+pub mod observe;
 pub mod pipeline;
 pub mod retry;
 pub mod sandbox;

@@ -10,6 +10,7 @@ use crate::audit::{Audit, AuditWriter, FinalLookups, FinalRecord, Record};
 use crate::broker::{DeadLetter, DeadLetters, Header, Incoming};
 use crate::dispatch::Dispatcher;
 use crate::domain::{Item, Outcome, ParsedMessage, Rejection, TerminationRequest, truncate};
+use crate::observe::{Metrics, OutcomeLabel};
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -31,6 +32,7 @@ pub struct Pipeline {
     pub concurrency: usize,
     pub source_queue: String,
     pub abort: CancellationToken,
+    pub metrics: std::sync::Arc<Metrics>,
 }
 
 /// What the message is, for every record made from it.
@@ -126,10 +128,10 @@ impl Pipeline {
                 replay_of: r.replay_of,
             })))
         });
-        futures_util::future::join_all(commits)
-            .await
-            .into_iter()
-            .all(|ok| ok)
+        let committed = futures_util::future::join_all(commits).await;
+        let ok = committed.iter().filter(|ok| **ok).count();
+        self.count(Outcome::Rejected, ok as u64);
+        ok == committed.len()
     }
 
     /// The valid requests of one message, at most `concurrency` at a time
@@ -206,15 +208,24 @@ impl Pipeline {
         already_final: bool,
         attempts_before: u32,
     ) -> bool {
-        let skipped = || Record::Skipped {
-            request_id: req.request_id.clone(),
+        let skip = || async {
+            let committed = self
+                .writer
+                .commit(Record::Skipped {
+                    request_id: req.request_id.clone(),
+                })
+                .await;
+            if committed {
+                self.metrics.skipped_redeliveries.inc();
+            }
+            committed
         };
         let leader = match claim {
             Claim::Follower(rx) => {
                 // Someone else is sending this request_id right now.
                 return if follow(rx).await {
                     tracing::debug!(request_id = %req.request_id, "duplicate in flight; not sent again");
-                    self.writer.commit(skipped()).await
+                    skip().await
                 } else {
                     false
                 };
@@ -223,7 +234,7 @@ impl Pipeline {
         };
         if already_final {
             tracing::debug!(request_id = %req.request_id, "already final; not sent again");
-            let committed = self.writer.commit(skipped()).await;
+            let committed = skip().await;
             leader.finish(committed);
             return committed;
         }
@@ -270,8 +281,22 @@ impl Pipeline {
             }
         }
         let committed = self.writer.commit(Record::Final(Box::new(record))).await;
+        if committed {
+            self.count(outcome, 1);
+        }
         leader.finish(committed);
         committed
+    }
+
+    fn count(&self, outcome: Outcome, n: u64) {
+        if n > 0 {
+            self.metrics
+                .requests
+                .get_or_create(&OutcomeLabel {
+                    outcome: outcome.as_str(),
+                })
+                .inc_by(n);
+        }
     }
 }
 

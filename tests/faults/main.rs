@@ -127,7 +127,10 @@ async fn postgres_refusing_connections_mid_run() {
     .await;
     let reqs = executions("p", 1000);
     publish_mixed(&env, &reqs).await;
-    let daemon = env.start_daemon(&["--concurrency", "32"]);
+    let addr = free_addr();
+    let addr_flag = addr.to_string();
+    let readyz = format!("http://{addr}/readyz");
+    let daemon = env.start_daemon(&["--concurrency", "32", "--metrics-addr", &addr_flag]);
     eventually("some progress", || async { env.outcomes().await >= 200 }).await;
     let db = env.database_name();
     let admin = env.admin_pool().await;
@@ -140,10 +143,15 @@ async fn postgres_refusing_connections_mid_run() {
         .execute(&admin)
         .await
         .expect("kill the daemon's connections");
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    eventually("not ready while the database refuses", || async {
+        http_get(&readyz).await.0 == 503
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
     // While the audit cannot be written, nothing new is taken and nothing
     // uncommitted is acked: what is left in the queue is still there.
     let ready_during = env.ready_requests().await;
+    assert_eq!(http_get(&readyz).await.0, 503, "still not ready");
     sqlx::query(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true"))
         .execute(&admin)
         .await

@@ -111,3 +111,77 @@ async fn misconfiguration_exits_2_with_one_clear_line() {
         );
     }
 }
+
+#[tokio::test]
+async fn metrics_and_health_are_served_during_a_run() {
+    let env = TestEnv::new().await;
+    let addr = free_addr();
+    let addr_flag = addr.to_string();
+    let daemon = env.start_daemon(&["--metrics-addr", &addr_flag]);
+    let elements: Vec<String> = (0..30)
+        .map(|i| {
+            let ex = if i < 3 {
+                format!("e404-{i}")
+            } else {
+                format!("ex-{i}")
+            };
+            request(&format!("m{i}"), &ex)
+        })
+        .collect();
+    env.publish(&batch(&elements), None).await;
+    env.wait_outcomes(30).await;
+    let base = format!("http://{addr}");
+    assert_eq!(http_get(&format!("{base}/healthz")).await.0, 200);
+    eventually("ready", || async {
+        http_get(&format!("{base}/readyz")).await.0 == 200
+    })
+    .await;
+    eventually("counters caught up", || async {
+        let (status, text) = http_get(&format!("{base}/metrics")).await;
+        status == 200
+            && metric(
+                &text,
+                r#"aom_terminator_requests_total{outcome="succeeded"}"#,
+            ) == Some(27.0)
+    })
+    .await;
+    let (_, text) = http_get(&format!("{base}/metrics")).await;
+    assert_eq!(
+        metric(
+            &text,
+            r#"aom_terminator_requests_total{outcome="failed_permanent"}"#
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        metric(&text, r#"aom_terminator_api_calls_total{status="200"}"#),
+        Some(27.0)
+    );
+    assert_eq!(
+        metric(&text, r#"aom_terminator_api_calls_total{status="404"}"#),
+        Some(3.0)
+    );
+    assert_eq!(metric(&text, "aom_terminator_attempts_total"), Some(30.0));
+    assert_eq!(
+        metric(&text, "aom_terminator_api_latency_seconds_count"),
+        Some(30.0)
+    );
+    assert_eq!(metric(&text, "aom_terminator_in_flight"), Some(0.0));
+    assert!(metric(&text, "aom_terminator_audit_write_seconds_count").unwrap_or(0.0) >= 1.0);
+    daemon.stop().await;
+
+    // A taken address is a start-up error.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken_addr = taken.local_addr().expect("addr").to_string();
+    let cfg = env.daemon_config(&["--metrics-addr", &taken_addr]);
+    let result = aom_terminator::daemon::run(cfg, std::future::pending()).await;
+    let err = result.expect_err("the port is taken");
+    assert!(err.to_string().contains("METRICS_ADDR"), "{err}");
+}
+
+/// The value of one sample line of the Prometheus text format.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.trim().split(' ').next()?.parse().ok())
+}

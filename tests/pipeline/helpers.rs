@@ -190,6 +190,9 @@ impl TestEnv {
             "50",
             "--max-attempts",
             "3",
+            // Tests run many daemons at once; those that scrape pass an address.
+            "--metrics-addr",
+            "off",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -243,6 +246,7 @@ impl TestEnv {
             ("BACKOFF_INITIAL_MS", "10".to_owned()),
             ("BACKOFF_MAX_MS", "50".to_owned()),
             ("MAX_ATTEMPTS", "3".to_owned()),
+            ("METRICS_ADDR", "off".to_owned()),
         ]
     }
 
@@ -468,6 +472,21 @@ pub async fn publish_singles(env: &TestEnv, prefix: &str, n: usize) {
     for i in 0..n {
         let id = format!("{prefix}{i}");
         env.publish(&request(&id, &format!("ex-{id}")), None).await;
+    }
+}
+
+/// A local address nobody listens on right now.
+pub fn free_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+}
+
+/// GET `url`: (status, body).
+pub async fn http_get(url: &str) -> (u16, String) {
+    match reqwest::get(url).await {
+        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+        Err(_) => (0, String::new()),
     }
 }
 
