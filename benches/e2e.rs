@@ -26,6 +26,7 @@ use aom_terminator::broker::{declare_topology, request_queue_arguments};
 use aom_terminator::config::{Cli, Command as CliCommand, DaemonConfig, one_line};
 use clap::{CommandFactory, Parser, ValueEnum};
 use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -322,7 +323,7 @@ async fn bench_main(args: Args, amqp_url: String, database_url: String) -> Resul
     }
 
     if args.suite.is_some() {
-        println!("\n=== suite {:?} ===\n", args.suite);
+        println!("\n=== suite standard ===\n");
         println!("{header}\n");
         println!("{}", table_header());
         for row in &rows {
@@ -553,6 +554,12 @@ async fn run_in(bench: &Bench, scenario: &Scenario, names: &Names) -> Result<Run
                 String::new()
             }
         );
+        if c.messages < 1_000 {
+            println!(
+                "ceiling: note: only {} messages; a window this short says little",
+                c.messages
+            );
+        }
         Some(c)
     } else {
         None
@@ -624,21 +631,24 @@ async fn run_in(bench: &Bench, scenario: &Scenario, names: &Names) -> Result<Run
     let deadline = t0 + bench.timeout;
     let mut rss_max_kib = 0;
     let mut seen = 0_i64;
-    let mut last_error = None;
+    let mut last_error: Option<String>;
     let mut exited_early = None;
     let mut timed_out = false;
     loop {
         if let Some(kib) = status_kib(daemon_pid, "VmRSS:") {
             rss_max_kib = rss_max_kib.max(kib);
         }
-        match sqlx::query_scalar::<_, i64>("SELECT count(*) FROM termination_outcomes")
+        last_error = match sqlx::query_scalar::<_, i64>("SELECT count(*) FROM termination_outcomes")
             .fetch_one(&mut db)
             .await
         {
-            Ok(n) => seen = n,
+            Ok(n) => {
+                seen = n;
+                None
+            }
             // The table appears when the daemon has migrated.
-            Err(e) => last_error = Some(e.to_string()),
-        }
+            Err(e) => Some(e.to_string()),
+        };
         if seen >= target {
             break;
         }
@@ -992,31 +1002,32 @@ async fn measure_ceiling(
     let expected = bodies.len() as u64;
     let deadline = tokio::time::Instant::now() + bench.timeout;
     let mut first = None;
+    let mut received = 0_u64;
     let mut acked = 0_u64;
-    let mut spawned = Vec::new();
+    // Acks are pipelined, as a daemon with many messages in flight acks: a
+    // lapin ack resolves once its frame is handed to the connection, and
+    // awaiting each before taking the next delivery would measure that round
+    // trip instead of the broker.
+    let mut acks = FuturesUnordered::new();
     while acked < expected {
-        let delivery = tokio::time::timeout_at(deadline, consumer.next())
-            .await
-            .map_err(|_| anyhow!("timed out after {acked} of {expected} messages"))?
-            .context("the consumer ended")?
-            .context("receive a delivery")?;
-        first.get_or_insert_with(Instant::now);
-        if std::env::var_os("XPIPE").is_some() {
-            let acker = delivery.acker;
-            spawned.push(tokio::spawn(async move {
-                acker.ack(BasicAckOptions { multiple: false }).await
-            }));
-        } else {
-            delivery
-                .acker
-                .ack(BasicAckOptions { multiple: false })
-                .await
-                .context("ack")?;
+        tokio::select! {
+            delivery = consumer.next(), if received < expected => {
+                let delivery = delivery
+                    .context("the consumer ended")?
+                    .context("receive a delivery")?;
+                first.get_or_insert_with(Instant::now);
+                received += 1;
+                let acker = delivery.acker;
+                acks.push(async move { acker.ack(BasicAckOptions { multiple: false }).await });
+            }
+            Some(ack) = acks.next() => {
+                ack.context("ack")?;
+                acked += 1;
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                bail!("timed out after {acked} of {expected} messages");
+            }
         }
-        acked += 1;
-    }
-    for h in spawned {
-        h.await.context("join")?.context("ack")?;
     }
     let elapsed = first.map_or(Duration::ZERO, |f| f.elapsed());
     let _ = channel
@@ -1412,16 +1423,24 @@ fn print_report(bench: &Bench, scenario: &Scenario, r: &Report) {
     }
     if let Some(bound) = littles_law(scenario) {
         println!(
-            "  Little's law bound C/L:      {} /s ({} / {} ms); daemon at {:.1} % of it",
+            "  Little's law bound C/L:      {} /s ({} / {} ms); daemon at {:.1} % of it{}",
             thousands_f(bound),
             scenario.concurrency,
             scenario.latency_ms,
-            pct(rate, bound)
+            pct(rate, bound),
+            if scenario.batch == 0 && u32::from(r.prefetch) < scenario.concurrency {
+                format!(
+                    " (note: PREFETCH {} < C holds at most {} single requests in flight)",
+                    r.prefetch, r.prefetch
+                )
+            } else {
+                String::new()
+            }
         );
     }
     if let Some(limit) = scenario.rate_limit {
         println!(
-            "  RATE_LIMIT {limit}/s:             daemon at {:.1} % of it",
+            "  RATE_LIMIT {limit}/s:  daemon at {:.1} % of it",
             pct(rate, f64::from(limit))
         );
     }
@@ -1448,6 +1467,16 @@ fn print_report(bench: &Bench, scenario: &Scenario, r: &Report) {
         ("postgres", r.cpu.postgres),
         ("machine (all)", r.cpu.machine),
         ("this bench", r.cpu.bench),
+        (
+            "other load",
+            (r.cpu.machine
+                - r.cpu.daemon
+                - r.cpu.sandbox
+                - r.cpu.rabbitmq
+                - r.cpu.postgres
+                - r.cpu.bench)
+                .max(0.0),
+        ),
     ] {
         println!("  {name:<14} {s:>8.2} CPU-s  {:>5.1} %", pct(s, core_s));
     }
