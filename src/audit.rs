@@ -86,7 +86,9 @@ impl Audit {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
-            .connect_lazy_with(options);
+            // Plan every lookup for its actual ids: a generic plan made while
+            // the table was small scans it whole, every time, ever after.
+            .connect_lazy_with(options.options([("plan_cache_mode", "force_custom_plan")]));
         Self {
             pool,
             healthy: Arc::new(watch::Sender::new(true)),
@@ -442,7 +444,7 @@ struct LookupJob {
 /// answered together by the next.
 #[derive(Clone, Debug)]
 pub struct FinalLookups {
-    tx: mpsc::Sender<LookupJob>,
+    lanes: Lanes<LookupJob>,
 }
 
 impl std::fmt::Debug for LookupJob {
@@ -453,16 +455,18 @@ impl std::fmt::Debug for LookupJob {
 
 impl FinalLookups {
     pub fn spawn(audit: Audit, abort: CancellationToken) -> (Self, tokio::task::JoinHandle<()>) {
-        let (tx, rx) = mpsc::channel(4096);
-        let handle = tokio::spawn(lookup_loop(audit, rx, abort));
-        (Self { tx }, handle)
+        let (lanes, handle) =
+            Lanes::spawn(4096, |rx| lookup_loop(audit.clone(), rx, abort.clone()));
+        (Self { lanes }, handle)
     }
 
     /// The ids among `ids` with a final outcome other than `rejected`;
     /// `None` if the lookup gave up (shutdown grace ran out).
     pub async fn already_final(&self, ids: Vec<String>) -> Option<HashSet<String>> {
         let (reply, answer) = oneshot::channel();
-        self.tx.send(LookupJob { ids, reply }).await.ok()?;
+        if !self.lanes.send(LookupJob { ids, reply }).await {
+            return None;
+        }
         answer.await.ok()
     }
 }
@@ -512,7 +516,60 @@ struct Job {
 /// Hands records to the writer task. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct AuditWriter {
-    tx: mpsc::Sender<Job>,
+    lanes: Lanes<Job>,
+}
+
+/// A few tasks working the same kind of job, each on its own connection:
+/// one flush (or lookup) no longer waits for the previous one to return.
+#[derive(Debug)]
+struct Lanes<J> {
+    senders: Arc<[mpsc::Sender<J>]>,
+    next: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl<J> Clone for Lanes<J> {
+    fn clone(&self) -> Self {
+        Self {
+            senders: Arc::clone(&self.senders),
+            next: Arc::clone(&self.next),
+        }
+    }
+}
+
+/// Writers and lookup workers each.
+const LANES: usize = 2;
+
+impl<J: Send + 'static> Lanes<J> {
+    fn spawn<F, Fut>(capacity: usize, work: F) -> (Self, tokio::task::JoinHandle<()>)
+    where
+        F: Fn(mpsc::Receiver<J>) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let mut senders = Vec::with_capacity(LANES);
+        let mut tasks = Vec::with_capacity(LANES);
+        for _ in 0..LANES {
+            let (tx, rx) = mpsc::channel(capacity);
+            senders.push(tx);
+            tasks.push(tokio::spawn(work(rx)));
+        }
+        let all = tokio::spawn(async move {
+            for task in tasks {
+                if let Err(e) = task.await {
+                    tracing::error!(error = %e, "an audit task ended abnormally");
+                }
+            }
+        });
+        let lanes = Self {
+            senders: senders.into(),
+            next: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        };
+        (lanes, all)
+    }
+
+    async fn send(&self, job: J) -> bool {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.senders.len();
+        self.senders[i].send(job).await.is_ok()
+    }
 }
 
 impl std::fmt::Debug for Job {
@@ -530,16 +587,17 @@ impl AuditWriter {
         abort: CancellationToken,
         flush_seconds: prometheus_client::metrics::histogram::Histogram,
     ) -> (Self, tokio::task::JoinHandle<()>) {
-        let (tx, rx) = mpsc::channel(4 * MAX_FLUSH);
-        let handle = tokio::spawn(write_loop(audit, rx, abort, flush_seconds));
-        (Self { tx }, handle)
+        let (lanes, handle) = Lanes::spawn(4 * MAX_FLUSH, |rx| {
+            write_loop(audit.clone(), rx, abort.clone(), flush_seconds.clone())
+        });
+        (Self { lanes }, handle)
     }
 
     /// Commit one record; `true` once it is committed, `false` if the writer
     /// gave up (shutdown grace ran out while the database was away).
     pub async fn commit(&self, record: Record) -> bool {
         let (done, committed) = oneshot::channel();
-        if self.tx.send(Job { record, done }).await.is_err() {
+        if !self.lanes.send(Job { record, done }).await {
             return false;
         }
         committed.await.unwrap_or(false)

@@ -185,7 +185,13 @@ impl Dispatcher {
             }
         }
         if let Some(limiter) = &self.limiter {
-            limiter.until_ready().await;
+            // On tokio's timer: governor's own `until_ready` spins on this
+            // build's clock.
+            while let Err(not_until) = limiter.check() {
+                let clock = governor::clock::DefaultClock::default();
+                let wait = not_until.wait_time_from(governor::clock::Clock::now(&clock));
+                tokio::time::sleep(wait.max(Duration::from_micros(100))).await;
+            }
         }
     }
 

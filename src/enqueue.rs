@@ -1,0 +1,395 @@
+//! `aom-terminator enqueue [FILE]`: start a mass cancellation from a CSV or
+//! JSON Lines file (or standard input). Every line is checked with the
+//! daemon's own parser first; nothing is published while any line is bad
+//! (unless `--skip-invalid`); then batch messages go out with publisher
+//! confirms and the mandatory flag, so nothing is silently dropped.
+
+use crate::broker::Admin;
+use crate::config::{BrokerArgs, ConfigError};
+use crate::domain::{Item, MAX_BATCH, ParsedMessage, TerminationRequest};
+use clap::{Args, ValueEnum};
+use sha2::{Digest, Sha256};
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Debug, Clone, Args)]
+pub struct EnqueueArgs {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// CSV or JSON Lines file; `-` (the default) reads standard input.
+    #[arg(default_value = "-")]
+    pub file: PathBuf,
+    /// Input format; by default from the file's extension (.csv, .jsonl, .ndjson).
+    #[arg(long, value_enum)]
+    pub format: Option<InputFormat>,
+    /// Publish the valid lines even if some are bad (the bad ones are reported).
+    #[arg(long)]
+    pub skip_invalid: bool,
+    /// Check every line and publish nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// `requested_by` for lines that do not set it (default: the login name).
+    #[arg(long, env = "AOM_REQUESTED_BY")]
+    pub requested_by: Option<String>,
+    /// Requests per message.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=MAX_BATCH as i64))]
+    pub batch_size: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum InputFormat {
+    Csv,
+    Jsonl,
+}
+
+/// What `enqueue` ended with, for the exit code.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Enqueued {
+    /// Everything valid was published (or would be, with --dry-run).
+    Published,
+    /// Bad lines, nothing published.
+    Refused,
+}
+
+/// A line that cannot be a request, by its line number in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadLine {
+    pub line: usize,
+    pub error: String,
+}
+
+const CSV_COLUMNS: [&str; 6] = [
+    "project_id",
+    "workflow_id",
+    "execution_id",
+    "reason",
+    "request_id",
+    "requested_by",
+];
+
+/// Parse the whole input. Lines without a request_id get
+/// `enq-<hash of the input>-<line>`: enqueueing the same file twice makes
+/// the same ids, which the daemon skips rather than sends twice.
+pub fn parse_input(
+    text: &str,
+    format: InputFormat,
+    default_requested_by: &str,
+) -> Result<(Vec<TerminationRequest>, Vec<BadLine>), ConfigError> {
+    let digest = Sha256::digest(text.as_bytes());
+    let source: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let lines = match format {
+        InputFormat::Jsonl => jsonl_objects(text),
+        InputFormat::Csv => csv_objects(text)?,
+    };
+    let mut good = Vec::new();
+    let mut bad = Vec::new();
+    for (line, object) in lines {
+        let mut object = match object {
+            Ok(o) => o,
+            Err(error) => {
+                bad.push(BadLine { line, error });
+                continue;
+            }
+        };
+        object
+            .entry("request_id")
+            .or_insert_with(|| format!("enq-{source}-{line}").into());
+        object
+            .entry("requested_by")
+            .or_insert_with(|| default_requested_by.into());
+        let body = serde_json::Value::Object(object).to_string();
+        match ParsedMessage::parse(body.as_bytes(), None) {
+            ParsedMessage::Requests(mut items) if items.len() == 1 => match items.remove(0) {
+                Item::Valid(r) => good.push(r),
+                Item::Invalid(r) => bad.push(BadLine {
+                    line,
+                    error: r.error,
+                }),
+            },
+            ParsedMessage::Requests(_) => bad.push(BadLine {
+                line,
+                error: "a line holds one request, not a batch".to_owned(),
+            }),
+            ParsedMessage::Unreadable(r) => bad.push(BadLine {
+                line,
+                error: r.error,
+            }),
+        }
+    }
+    Ok((good, bad))
+}
+
+type Object = serde_json::Map<String, serde_json::Value>;
+
+fn jsonl_objects(text: &str) -> Vec<(usize, Result<Object, String>)> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            let parsed = match serde_json::from_str::<serde_json::Value>(l) {
+                Ok(serde_json::Value::Object(o)) => Ok(o),
+                Ok(_) => Err("a line must be a JSON object".to_owned()),
+                Err(e) => Err(format!("not JSON: {e}")),
+            };
+            (i + 1, parsed)
+        })
+        .collect()
+}
+
+fn csv_objects(text: &str) -> Result<Vec<(usize, Result<Object, String>)>, ConfigError> {
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .trim(csv::Trim::All)
+        .from_reader(text.as_bytes());
+    let header: Vec<String> = reader
+        .headers()
+        .map_err(|e| ConfigError(format!("line 1: cannot read the CSV header: {e}")))?
+        .iter()
+        .map(str::to_owned)
+        .collect();
+    for (i, name) in header.iter().enumerate() {
+        if !CSV_COLUMNS.contains(&name.as_str()) {
+            return Err(ConfigError(format!(
+                "line 1: unknown column \"{name}\" (expected {})",
+                CSV_COLUMNS.join(",")
+            )));
+        }
+        if header[..i].contains(name) {
+            return Err(ConfigError(format!("line 1: column \"{name}\" appears twice")));
+        }
+    }
+    for required in &CSV_COLUMNS[..3] {
+        if !header.iter().any(|h| h == required) {
+            return Err(ConfigError(format!("line 1: the header has no \"{required}\" column")));
+        }
+    }
+    let mut out = Vec::new();
+    for record in reader.records() {
+        match record {
+            Ok(r) => {
+                let line = r.position().map_or(0, |p| p.line() as usize);
+                if r.iter().all(str::is_empty) {
+                    continue;
+                }
+                if r.len() != header.len() {
+                    out.push((
+                        line,
+                        Err(format!("{} fields, the header has {}", r.len(), header.len())),
+                    ));
+                    continue;
+                }
+                let object: Object = header
+                    .iter()
+                    .zip(r.iter())
+                    .filter(|(_, v)| !v.is_empty())
+                    .map(|(k, v)| (k.clone(), serde_json::Value::String(v.to_owned())))
+                    .collect();
+                out.push((line, Ok(object)));
+            }
+            Err(e) => {
+                let line = e.position().map_or(0, |p| p.line() as usize);
+                out.push((line, Err(format!("not valid CSV: {e}"))));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn login_name() -> String {
+    ["USER", "LOGNAME", "USERNAME"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+pub async fn run(args: EnqueueArgs) -> anyhow::Result<Enqueued> {
+    let stdin = args.file.as_os_str() == "-";
+    let format = match (args.format, args.file.extension().and_then(|e| e.to_str())) {
+        (Some(f), _) => f,
+        (None, Some("csv")) => InputFormat::Csv,
+        (None, Some("jsonl" | "ndjson")) => InputFormat::Jsonl,
+        _ if stdin => return Err(ConfigError("reading standard input needs --format csv|jsonl".to_owned()).into()),
+        _ => {
+            return Err(ConfigError(format!(
+                "cannot tell the format of {} from its extension: pass --format csv|jsonl",
+                args.file.display()
+            ))
+            .into());
+        }
+    };
+    let settings = args.broker.settings()?;
+    let mut text = String::new();
+    if stdin {
+        std::io::stdin().read_to_string(&mut text)?;
+    } else {
+        text = std::fs::read_to_string(&args.file)
+            .map_err(|e| ConfigError(format!("cannot read {}: {e}", args.file.display())))?;
+    }
+    let requested_by = args.requested_by.clone().unwrap_or_else(login_name);
+    let (requests, bad) = parse_input(&text, format, &requested_by)?;
+    for b in bad.iter().take(100) {
+        eprintln!("line {}: {}", b.line, b.error);
+    }
+    if bad.len() > 100 {
+        eprintln!("... and {} more bad lines", bad.len() - 100);
+    }
+    if !bad.is_empty() && !args.skip_invalid {
+        eprintln!(
+            "{} bad line(s), {} good: nothing published (fix them, or pass --skip-invalid)",
+            bad.len(),
+            requests.len()
+        );
+        return Ok(Enqueued::Refused);
+    }
+    if args.dry_run {
+        eprintln!(
+            "dry run: {} request(s) valid, {} bad line(s) skipped; nothing published",
+            requests.len(),
+            bad.len()
+        );
+        return Ok(Enqueued::Published);
+    }
+    let started = Instant::now();
+    let admin = Admin::open(&settings).await?;
+    let mut progress = Progress::new(requests.len());
+    let mut messages = 0usize;
+    let mut published = 0usize;
+    let result = async {
+        for chunk in requests.chunks(args.batch_size as usize) {
+            let elements: Vec<serde_json::Value> = chunk.iter().map(request_json).collect();
+            let body = serde_json::json!({ "requests": elements }).to_string();
+            admin.publish(&settings.queue, body.as_bytes()).await?;
+            messages += 1;
+            published += chunk.len();
+            progress.update(published);
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    admin.close().await;
+    progress.finish();
+    result?;
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "published {published} request(s) in {messages} message(s) to {} in {secs:.1}s ({:.0}/s){}",
+        settings.queue,
+        published as f64 / secs.max(1e-3),
+        if bad.is_empty() {
+            String::new()
+        } else {
+            format!("; {} bad line(s) skipped", bad.len())
+        }
+    );
+    Ok(Enqueued::Published)
+}
+
+fn request_json(r: &TerminationRequest) -> serde_json::Value {
+    let mut o = serde_json::json!({
+        "request_id": r.request_id,
+        "project_id": r.project_id.as_str(),
+        "workflow_id": r.workflow_id.as_str(),
+        "execution_id": r.execution_id.as_str(),
+    });
+    for (k, v) in [("reason", &r.reason), ("requested_by", &r.requested_by)] {
+        if let Some(v) = v {
+            o[k] = v.clone().into();
+        }
+    }
+    o
+}
+
+/// A progress bar with rate and ETA on a terminal; a plain line per tenth
+/// otherwise.
+struct Progress {
+    total: usize,
+    started: Instant,
+    tty: bool,
+    last_tenth: usize,
+}
+
+impl Progress {
+    fn new(total: usize) -> Self {
+        Self {
+            total,
+            started: Instant::now(),
+            tty: std::io::stderr().is_terminal(),
+            last_tenth: 0,
+        }
+    }
+
+    fn update(&mut self, done: usize) {
+        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+        let rate = done as f64 / secs;
+        let eta = (self.total.saturating_sub(done)) as f64 / rate.max(1e-9);
+        if self.tty {
+            let width = 30;
+            let filled = width * done / self.total.max(1);
+            eprint!(
+                "\r[{}{}] {done}/{} {rate:.0}/s eta {eta:.0}s ",
+                "#".repeat(filled),
+                " ".repeat(width - filled),
+                self.total
+            );
+            let _ = std::io::stderr().flush();
+        } else {
+            let tenth = 10 * done / self.total.max(1);
+            if tenth > self.last_tenth {
+                self.last_tenth = tenth;
+                eprintln!("published {done}/{} ({rate:.0}/s)", self.total);
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if self.tty {
+            eprintln!();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: &str = "0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn csv_lines_are_checked_and_numbered_from_the_header() {
+        let text = format!(
+            "project_id,workflow_id,execution_id,reason\n{P},wf,ex-1,cleanup\nshort,wf,ex-2,\n{P},wf,ex-3\n"
+        );
+        let (good, bad) = parse_input(&text, InputFormat::Csv, "ops").expect("header ok");
+        assert_eq!(good.len(), 1);
+        assert_eq!(good[0].reason.as_deref(), Some("cleanup"));
+        assert_eq!(good[0].requested_by.as_deref(), Some("ops"));
+        assert!(good[0].request_id.starts_with("enq-") && good[0].request_id.ends_with("-2"));
+        assert_eq!(bad.len(), 2);
+        assert_eq!(bad[0].line, 3);
+        assert!(bad[0].error.contains("project_id must be exactly 32"));
+        assert_eq!(bad[1].line, 4);
+        let again = parse_input(&text, InputFormat::Csv, "ops").expect("same");
+        assert_eq!(again.0[0].request_id, good[0].request_id, "stable ids");
+    }
+
+    #[test]
+    fn a_bad_header_is_refused() {
+        let err = parse_input("project_id,workflow,execution_id\n", InputFormat::Csv, "x")
+            .expect_err("unknown column");
+        assert!(err.0.contains("unknown column \"workflow\""), "{}", err.0);
+        let err = parse_input("project_id,workflow_id\n", InputFormat::Csv, "x").expect_err("missing");
+        assert!(err.0.contains("execution_id"), "{}", err.0);
+    }
+
+    #[test]
+    fn jsonl_lines_keep_their_own_fields() {
+        let text = format!(
+            "{{\"project_id\":\"{P}\",\"workflow_id\":\"w\",\"execution_id\":\"e\",\"request_id\":\"mine\",\"requested_by\":\"amy\"}}\n\n[1]\nnope\n"
+        );
+        let (good, bad) = parse_input(&text, InputFormat::Jsonl, "ops").expect("parsed");
+        assert_eq!(good[0].request_id, "mine");
+        assert_eq!(good[0].requested_by.as_deref(), Some("amy"));
+        let lines: Vec<usize> = bad.iter().map(|b| b.line).collect();
+        assert_eq!(lines, [3, 4]);
+    }
+}
