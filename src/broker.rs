@@ -477,6 +477,19 @@ impl Admin {
         }
     }
 
+    /// Messages ready in `queue` (AMQP cannot tell the unacked ones).
+    pub async fn depth(&self, queue: &str) -> Option<u32> {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..DURABLE
+        };
+        self.channel
+            .queue_declare(queue.into(), passive, FieldTable::default())
+            .await
+            .ok()
+            .map(|q| q.message_count())
+    }
+
     /// Close; messages taken and not acked return to their queue.
     pub async fn close(self) {
         let _ = self.channel.close(200, "done".into()).await;

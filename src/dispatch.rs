@@ -31,6 +31,9 @@ pub struct Dispatcher {
     limiter: Option<Limiter>,
     /// Set by a 429: no call starts before this instant.
     throttled_until: Mutex<Option<Instant>>,
+    /// One waiter at a time on the rate limiter, the rest queue here
+    /// quietly (woken together, they would spin).
+    limiter_turn: tokio::sync::Mutex<()>,
     metrics: Arc<Metrics>,
     pub gate: AuthGate,
     /// Soft stop: requests that have not made their first call stay unsent.
@@ -61,6 +64,7 @@ impl Dispatcher {
             calls: Arc::new(Semaphore::new(concurrency)),
             limiter,
             throttled_until: Mutex::new(None),
+            limiter_turn: tokio::sync::Mutex::new(()),
             metrics,
             gate: AuthGate::new(),
             stop,
@@ -185,8 +189,7 @@ impl Dispatcher {
             }
         }
         if let Some(limiter) = &self.limiter {
-            // On tokio's timer: governor's own `until_ready` spins on this
-            // build's clock.
+            let _turn = self.limiter_turn.lock().await;
             while let Err(not_until) = limiter.check() {
                 let clock = governor::clock::DefaultClock::default();
                 let wait = not_until.wait_time_from(governor::clock::Clock::now(&clock));
