@@ -42,6 +42,10 @@ pub enum Command {
     Sandbox(Box<SandboxArgs>),
     /// Inspect the dead-letter queue, and replay requests from it.
     DeadLetters(Box<crate::deadletters::DeadLettersArgs>),
+    /// Publish termination requests from a CSV or JSON Lines file.
+    Enqueue(Box<crate::enqueue::EnqueueArgs>),
+    /// What happened, from the audit, and what is still pending.
+    Report(Box<crate::report::ReportArgs>),
 }
 
 #[derive(Debug, Clone, Args)]

@@ -156,12 +156,16 @@ fn csv_objects(text: &str) -> Result<Vec<(usize, Result<Object, String>)>, Confi
             )));
         }
         if header[..i].contains(name) {
-            return Err(ConfigError(format!("line 1: column \"{name}\" appears twice")));
+            return Err(ConfigError(format!(
+                "line 1: column \"{name}\" appears twice"
+            )));
         }
     }
     for required in &CSV_COLUMNS[..3] {
         if !header.iter().any(|h| h == required) {
-            return Err(ConfigError(format!("line 1: the header has no \"{required}\" column")));
+            return Err(ConfigError(format!(
+                "line 1: the header has no \"{required}\" column"
+            )));
         }
     }
     let mut out = Vec::new();
@@ -175,7 +179,11 @@ fn csv_objects(text: &str) -> Result<Vec<(usize, Result<Object, String>)>, Confi
                 if r.len() != header.len() {
                     out.push((
                         line,
-                        Err(format!("{} fields, the header has {}", r.len(), header.len())),
+                        Err(format!(
+                            "{} fields, the header has {}",
+                            r.len(),
+                            header.len()
+                        )),
                     ));
                     continue;
                 }
@@ -209,7 +217,11 @@ pub async fn run(args: EnqueueArgs) -> anyhow::Result<Enqueued> {
         (Some(f), _) => f,
         (None, Some("csv")) => InputFormat::Csv,
         (None, Some("jsonl" | "ndjson")) => InputFormat::Jsonl,
-        _ if stdin => return Err(ConfigError("reading standard input needs --format csv|jsonl".to_owned()).into()),
+        _ if stdin => {
+            return Err(
+                ConfigError("reading standard input needs --format csv|jsonl".to_owned()).into(),
+            );
+        }
         _ => {
             return Err(ConfigError(format!(
                 "cannot tell the format of {} from its extension: pass --format csv|jsonl",
@@ -377,7 +389,8 @@ mod tests {
         let err = parse_input("project_id,workflow,execution_id\n", InputFormat::Csv, "x")
             .expect_err("unknown column");
         assert!(err.0.contains("unknown column \"workflow\""), "{}", err.0);
-        let err = parse_input("project_id,workflow_id\n", InputFormat::Csv, "x").expect_err("missing");
+        let err =
+            parse_input("project_id,workflow_id\n", InputFormat::Csv, "x").expect_err("missing");
         assert!(err.0.contains("execution_id"), "{}", err.0);
     }
 

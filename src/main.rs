@@ -3,7 +3,7 @@
 
 use aom_terminator::audit::Audit;
 use aom_terminator::config::{Cli, Command, ConfigError, one_line};
-use aom_terminator::{daemon, deadletters, sandbox, telemetry};
+use aom_terminator::{daemon, deadletters, enqueue, report, sandbox, telemetry};
 use clap::{CommandFactory, Parser};
 use std::process::ExitCode;
 
@@ -58,16 +58,21 @@ fn main() -> ExitCode {
                 }
             },
             Command::Sandbox(args) => sandbox::run(*args, shutdown_signal()).await,
-            Command::DeadLetters(args) => match deadletters::run(*args).await {
-                Err(e) if e.is::<ConfigError>() => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(2);
-                }
-                other => other,
+            Command::DeadLetters(args) => deadletters::run(*args).await,
+            Command::Report(args) => report::run(*args).await,
+            Command::Enqueue(args) => match enqueue::run(*args).await {
+                Ok(enqueue::Enqueued::Published) => Ok(()),
+                Ok(enqueue::Enqueued::Refused) => return ExitCode::from(1),
+                Err(e) => Err(e),
             },
         };
         match result {
             Ok(()) => ExitCode::SUCCESS,
+            // A bad setting or argument: one line, exit 2.
+            Err(e) if e.is::<ConfigError>() => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
             Err(e) => {
                 tracing::error!(error.cause_chain = ?e, "{e}");
                 eprintln!("error: {e:#}");

@@ -34,7 +34,11 @@ pub struct ReportArgs {
     #[arg(long)]
     pub failed: bool,
     /// RabbitMQ management API, for the unacked count (credentials from AMQP_URL).
-    #[arg(long, env = "RABBITMQ_MANAGEMENT_URL", default_value = "http://127.0.0.1:15672")]
+    #[arg(
+        long,
+        env = "RABBITMQ_MANAGEMENT_URL",
+        default_value = "http://127.0.0.1:15672"
+    )]
     pub management_url: String,
 }
 
@@ -205,7 +209,10 @@ async fn pending(args: &ReportArgs) -> Pending {
             return None;
         }
         let v: serde_json::Value = serde_json::from_str(&resp.text().await.ok()?).ok()?;
-        Some((v["messages_ready"].as_u64()?, v["messages_unacknowledged"].as_u64()?))
+        Some((
+            v["messages_ready"].as_u64()?,
+            v["messages_unacknowledged"].as_u64()?,
+        ))
     }
     .await;
     if let Some((ready, unacked)) = answer {
@@ -276,15 +283,15 @@ async fn failed_csv(pool: &PgPool, args: &ReportArgs) -> anyhow::Result<()> {
         .fetch_all(pool)
         .await?;
     let mut out = csv::Writer::from_writer(std::io::stdout());
-    out.write_record(["project_id", "workflow_id", "execution_id", "reason", "requested_by"])?;
+    out.write_record([
+        "project_id",
+        "workflow_id",
+        "execution_id",
+        "reason",
+        "requested_by",
+    ])?;
     for (p, w, e, reason, by) in rows {
-        out.write_record([
-            p,
-            w,
-            e,
-            reason.unwrap_or_default(),
-            by.unwrap_or_default(),
-        ])?;
+        out.write_record([p, w, e, reason.unwrap_or_default(), by.unwrap_or_default()])?;
     }
     out.flush()?;
     Ok(())
@@ -358,7 +365,10 @@ fn to_table(r: &Report) -> String {
         Some(t) => format!("since {}", t.format("%Y-%m-%d %H:%M:%S UTC")),
         None => "all time".to_owned(),
     };
-    out.push_str(&format!("{} requests with a final outcome, {window}", r.total));
+    out.push_str(&format!(
+        "{} requests with a final outcome, {window}",
+        r.total
+    ));
     if let Some(w) = &r.workflow {
         out.push_str(&format!(", workflow {w}"));
     }
@@ -391,13 +401,18 @@ fn to_table(r: &Report) -> String {
             .map(|e| {
                 vec![
                     e.outcome.clone(),
-                    e.http_status.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
+                    e.http_status
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|| "-".into()),
                     e.error_code.clone().unwrap_or_else(|| "-".into()),
                     e.count.to_string(),
                 ]
             })
             .collect();
-        out.push_str(&table(&["outcome", "status", "error_code", "requests"], &rows));
+        out.push_str(&table(
+            &["outcome", "status", "error_code", "requests"],
+            &rows,
+        ));
     }
     if !r.workflows.is_empty() {
         out.push('\n');
@@ -413,7 +428,10 @@ fn to_table(r: &Report) -> String {
                 ]
             })
             .collect();
-        out.push_str(&table(&["workflow", "requests", "succeeded", "not succeeded"], &rows));
+        out.push_str(&table(
+            &["workflow", "requests", "succeeded", "not succeeded"],
+            &rows,
+        ));
     }
     let opt = |v: Option<u64>| v.map_or_else(|| "unknown".to_owned(), |n| n.to_string());
     out.push_str(&format!(

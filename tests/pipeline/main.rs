@@ -4,6 +4,7 @@ mod auth;
 mod binary;
 mod helpers;
 mod pacing;
+mod tools;
 
 use aom_terminator::sandbox::SandboxArgs;
 use helpers::*;
