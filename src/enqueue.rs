@@ -121,8 +121,10 @@ pub fn parse_input(
 }
 
 type Object = serde_json::Map<String, serde_json::Value>;
+/// Each input line's number and its fields (or why it has none).
+type Lines = Vec<(usize, Result<Object, String>)>;
 
-fn jsonl_objects(text: &str) -> Vec<(usize, Result<Object, String>)> {
+fn jsonl_objects(text: &str) -> Lines {
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
@@ -137,7 +139,7 @@ fn jsonl_objects(text: &str) -> Vec<(usize, Result<Object, String>)> {
         .collect()
 }
 
-fn csv_objects(text: &str) -> Result<Vec<(usize, Result<Object, String>)>, ConfigError> {
+fn csv_objects(text: &str) -> Result<Lines, ConfigError> {
     let mut reader = csv::ReaderBuilder::new()
         .flexible(true)
         .trim(csv::Trim::All)

@@ -264,24 +264,32 @@ pub async fn run(args: ReportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[derive(sqlx::FromRow)]
+struct FailedRow {
+    project_id: String,
+    workflow_id: String,
+    execution_id: String,
+    reason: Option<String>,
+    requested_by: Option<String>,
+}
+
 async fn failed_csv(pool: &PgPool, args: &ReportArgs) -> anyhow::Result<()> {
     let since = args
         .since
         .and_then(|d| chrono::TimeDelta::from_std(d).ok())
         .map(|d| Utc::now() - d);
-    let rows: Vec<(String, String, String, Option<String>, Option<String>)> =
-        sqlx::query_as(&format!(
-            "SELECT o.project_id, o.workflow_id, o.execution_id, o.reason, o.requested_by \
+    let rows: Vec<FailedRow> = sqlx::query_as(&format!(
+        "SELECT o.project_id, o.workflow_id, o.execution_id, o.reason, o.requested_by \
              FROM termination_outcomes o WHERE {FILTER} AND o.outcome <> 'succeeded' \
                AND o.project_id IS NOT NULL AND o.workflow_id IS NOT NULL \
                AND o.execution_id IS NOT NULL \
              ORDER BY o.project_id, o.workflow_id, o.execution_id"
-        ))
-        .bind(since)
-        .bind(&args.workflow)
-        .bind(&args.requested_by)
-        .fetch_all(pool)
-        .await?;
+    ))
+    .bind(since)
+    .bind(&args.workflow)
+    .bind(&args.requested_by)
+    .fetch_all(pool)
+    .await?;
     let mut out = csv::Writer::from_writer(std::io::stdout());
     out.write_record([
         "project_id",
