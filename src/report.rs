@@ -298,8 +298,14 @@ async fn failed_csv(pool: &PgPool, args: &ReportArgs) -> anyhow::Result<()> {
         "reason",
         "requested_by",
     ])?;
-    for (p, w, e, reason, by) in rows {
-        out.write_record([p, w, e, reason.unwrap_or_default(), by.unwrap_or_default()])?;
+    for r in rows {
+        out.write_record([
+            r.project_id,
+            r.workflow_id,
+            r.execution_id,
+            r.reason.unwrap_or_default(),
+            r.requested_by.unwrap_or_default(),
+        ])?;
     }
     out.flush()?;
     Ok(())
