@@ -97,6 +97,29 @@ pub async fn declare_topology(channel: &Channel, s: &AmqpSettings) -> Result<(),
     Ok(())
 }
 
+/// Messages ready in `queue`, by a passive declare (which ignores arguments).
+async fn depth(channel: &Channel, queue: &str) -> Option<u32> {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..DURABLE
+    };
+    channel
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+        .ok()
+        .map(|q| q.message_count())
+}
+
+/// A confirmed, routed publish is the only success.
+fn confirmed(confirm: Confirmation) -> Result<(), BrokerError> {
+    match confirm {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(_)) => Err(BrokerError::NotConfirmed("unroutable")),
+        Confirmation::Nack(_) => Err(BrokerError::NotConfirmed("nacked by the broker")),
+        Confirmation::NotRequested => Err(BrokerError::NotConfirmed("confirms not enabled")),
+    }
+}
+
 pub async fn connect(s: &AmqpSettings, name: &str) -> Result<Connection, BrokerError> {
     // No `enable_auto_recover()`: after a connection loss the daemon builds a
     // new connection, channels and consumer itself (see `daemon`), so the
@@ -182,15 +205,7 @@ impl Session {
 
     /// Messages ready in `queue`, or `None` if the broker did not say.
     pub async fn queue_depth(&self, queue: &str) -> Option<u32> {
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..DURABLE
-        };
-        self.consume
-            .queue_declare(queue.into(), passive, FieldTable::default())
-            .await
-            .ok()
-            .map(|q| q.message_count())
+        depth(&self.consume, queue).await
     }
 
     pub fn publish_channel(&self) -> Channel {
@@ -359,18 +374,12 @@ impl DeadLetters {
             .map_err(call("publish a dead letter"))?
             .await
             .map_err(call("await the publisher confirm"))?;
-        match confirm {
-            Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(_)) => {
-                // Declare it again so the next try can land.
-                declare_topology(channel, &self.settings).await?;
-                Err(BrokerError::NotConfirmed(
-                    "unroutable: the dead-letter queue was missing",
-                ))
-            }
-            Confirmation::Nack(_) => Err(BrokerError::NotConfirmed("nacked by the broker")),
-            Confirmation::NotRequested => Err(BrokerError::NotConfirmed("confirms not enabled")),
+        if matches!(confirm, Confirmation::Ack(Some(_))) {
+            // The dead-letter queue was missing: declare it again so the
+            // next try can land.
+            declare_topology(channel, &self.settings).await?;
         }
+        confirmed(confirm)
     }
 }
 
@@ -469,25 +478,12 @@ impl Admin {
             .map_err(call("publish"))?
             .await
             .map_err(call("await the publisher confirm"))?;
-        match confirm {
-            Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(_)) => Err(BrokerError::NotConfirmed("unroutable")),
-            Confirmation::Nack(_) => Err(BrokerError::NotConfirmed("nacked by the broker")),
-            Confirmation::NotRequested => Err(BrokerError::NotConfirmed("confirms not enabled")),
-        }
+        confirmed(confirm)
     }
 
     /// Messages ready in `queue` (AMQP cannot tell the unacked ones).
     pub async fn depth(&self, queue: &str) -> Option<u32> {
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..DURABLE
-        };
-        self.channel
-            .queue_declare(queue.into(), passive, FieldTable::default())
-            .await
-            .ok()
-            .map(|q| q.message_count())
+        depth(&self.channel, queue).await
     }
 
     /// Close; messages taken and not acked return to their queue.
