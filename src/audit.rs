@@ -158,10 +158,6 @@ impl Audit {
         result
     }
 
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
     pub async fn migrate(&self) -> Result<(), AuditError> {
         sqlx::migrate!("./migrations").run(&self.pool).await?;
         Ok(())

@@ -127,6 +127,7 @@ async fn serve(
         queue = %cfg.amqp.queue,
         dead_letter_queue = %cfg.amqp.dead_letter_queue,
         endpoint = %cfg.endpoint,
+        auth = cfg.auth.mode(),
         concurrency = cfg.concurrency,
         prefetch = cfg.prefetch,
         "aom-terminator running"

@@ -9,7 +9,6 @@ use crate::domain::truncate;
 use chrono::{DateTime, Utc};
 use reqwest::header::HeaderValue;
 use secrecy::{ExposeSecret, SecretString};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -52,7 +51,6 @@ pub struct IamTokens {
     http: reqwest::Client,
     state: Mutex<State>,
     renewing: Arc<tokio::sync::Mutex<()>>,
-    calls: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -83,13 +81,7 @@ impl IamTokens {
             http,
             state: Mutex::new(State::default()),
             renewing: Arc::new(tokio::sync::Mutex::new(())),
-            calls: AtomicU64::new(0),
         }
-    }
-
-    /// IAM token requests made so far.
-    pub fn calls(&self) -> u64 {
-        self.calls.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -161,7 +153,6 @@ impl IamTokens {
     }
 
     async fn renew(&self) -> Result<(HeaderValue, u64), AuthError> {
-        self.calls.fetch_add(1, Ordering::Relaxed);
         let result = self.request_token().await;
         let mut state = self.lock();
         match result {
