@@ -213,15 +213,26 @@ impl Audit {
                 Record::Skipped { request_id } => skipped.push(request_id.as_str()),
             }
         }
+        // ON CONFLICT cannot touch one row twice in a statement: a request_id
+        // that repeats within the flush goes into a later statement.
+        let mut layers = layers(finals);
+        if skipped.is_empty() && layers.len() <= 1 {
+            // The common flush: attempts and outcomes in one statement, which
+            // is atomic on its own: one round trip instead of four.
+            let layer = layers.pop().unwrap_or_default();
+            let mut conn = self.pool.acquire().await?;
+            OutcomeColumns::from(layer.as_slice())
+                .upsert(&mut conn, Some(attempts))
+                .await?;
+            return Ok(());
+        }
         let mut tx = self.pool.begin().await?;
         if !attempts.request_id.is_empty() {
             attempts.insert(&mut tx).await?;
         }
-        // ON CONFLICT cannot touch one row twice in a statement: a request_id
-        // that repeats within the flush goes into a later statement.
-        for layer in layers(finals) {
+        for layer in layers {
             OutcomeColumns::from(layer.as_slice())
-                .upsert(&mut tx)
+                .upsert(&mut tx, None)
                 .await?;
         }
         if !skipped.is_empty() {
@@ -285,25 +296,32 @@ impl AttemptColumns {
     }
 
     async fn insert(self, tx: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
-        sqlx::query(
+        let query = sqlx::query(
             "INSERT INTO termination_attempts \
              (request_id, attempt, http_status, error_kind, error_code, error_msg, body_excerpt, \
               started_at, latency_ms) \
              SELECT * FROM UNNEST($1::text[], $2::int[], $3::int[], $4::text[], $5::text[], \
               $6::text[], $7::text[], $8::timestamptz[], $9::float8[])",
-        )
-        .bind(self.request_id)
-        .bind(self.attempt)
-        .bind(self.http_status)
-        .bind(self.error_kind)
-        .bind(self.error_code)
-        .bind(self.error_msg)
-        .bind(self.body_excerpt)
-        .bind(self.started_at)
-        .bind(self.latency_ms)
-        .execute(tx)
-        .await?;
+        );
+        self.bind_to(query).execute(tx).await?;
         Ok(())
+    }
+
+    /// Bind the nine columns, in table order, after whatever `query` has.
+    fn bind_to(
+        self,
+        query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(self.request_id)
+            .bind(self.attempt)
+            .bind(self.http_status)
+            .bind(self.error_kind)
+            .bind(self.error_code)
+            .bind(self.error_msg)
+            .bind(self.body_excerpt)
+            .bind(self.started_at)
+            .bind(self.latency_ms)
     }
 }
 
@@ -370,62 +388,87 @@ impl<'a> From<&[&'a FinalRecord]> for OutcomeColumns<'a> {
     }
 }
 
+/// The outcome upsert, after `WITH `: insert, or replace a `rejected` row;
+/// a row that already holds another final outcome is kept, and the
+/// newcomer goes to the history. Binds $1..$16.
+macro_rules! upsert_outcomes {
+    () => {
+        "input AS ( \
+           SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+             $6::int[], $7::text[], $8::text[], $9::int[], $10::text[], $11::text[], \
+             $12::timestamptz[], $13::timestamptz[], $14::bool[], $15::text[], $16::text[]) \
+           AS t(request_id, project_id, workflow_id, execution_id, outcome, http_status, \
+             error_code, error_msg, attempts, reason, requested_by, received_at, \
+             finished_at, redelivered, message_id, replay_of) \
+         ), applied AS ( \
+           INSERT INTO termination_outcomes AS o \
+             (request_id, project_id, workflow_id, execution_id, outcome, http_status, \
+              error_code, error_msg, attempts, reason, requested_by, received_at, \
+              finished_at, redelivered, message_id, replay_of) \
+           SELECT * FROM input \
+           ON CONFLICT (request_id) DO UPDATE SET \
+             project_id = EXCLUDED.project_id, workflow_id = EXCLUDED.workflow_id, \
+             execution_id = EXCLUDED.execution_id, outcome = EXCLUDED.outcome, \
+             http_status = EXCLUDED.http_status, error_code = EXCLUDED.error_code, \
+             error_msg = EXCLUDED.error_msg, attempts = EXCLUDED.attempts, \
+             reason = EXCLUDED.reason, requested_by = EXCLUDED.requested_by, \
+             received_at = EXCLUDED.received_at, finished_at = EXCLUDED.finished_at, \
+             redelivered = EXCLUDED.redelivered, message_id = EXCLUDED.message_id, \
+             replay_of = EXCLUDED.replay_of, recorded_at = clock_timestamp() \
+           WHERE o.outcome = 'rejected' \
+           RETURNING o.request_id \
+         ) \
+         INSERT INTO termination_outcome_history \
+           (why, request_id, project_id, workflow_id, execution_id, outcome, http_status, \
+            error_code, error_msg, attempts, reason, requested_by, received_at, \
+            finished_at, redelivered, message_id, replay_of) \
+         SELECT CASE WHEN i.outcome = 'rejected' THEN 'rejected_after_final' \
+                     ELSE 'duplicate' END, i.* \
+         FROM input i WHERE i.request_id NOT IN (SELECT request_id FROM applied)"
+    };
+}
+
 impl OutcomeColumns<'_> {
-    /// Insert, or replace a `rejected` row; a row that already holds another
-    /// final outcome is kept, and the newcomer goes to the history.
-    async fn upsert(self, tx: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "WITH input AS ( \
-               SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
-                 $6::int[], $7::text[], $8::text[], $9::int[], $10::text[], $11::text[], \
-                 $12::timestamptz[], $13::timestamptz[], $14::bool[], $15::text[], $16::text[]) \
-               AS t(request_id, project_id, workflow_id, execution_id, outcome, http_status, \
-                 error_code, error_msg, attempts, reason, requested_by, received_at, \
-                 finished_at, redelivered, message_id, replay_of) \
-             ), applied AS ( \
-               INSERT INTO termination_outcomes AS o \
-                 (request_id, project_id, workflow_id, execution_id, outcome, http_status, \
-                  error_code, error_msg, attempts, reason, requested_by, received_at, \
-                  finished_at, redelivered, message_id, replay_of) \
-               SELECT * FROM input \
-               ON CONFLICT (request_id) DO UPDATE SET \
-                 project_id = EXCLUDED.project_id, workflow_id = EXCLUDED.workflow_id, \
-                 execution_id = EXCLUDED.execution_id, outcome = EXCLUDED.outcome, \
-                 http_status = EXCLUDED.http_status, error_code = EXCLUDED.error_code, \
-                 error_msg = EXCLUDED.error_msg, attempts = EXCLUDED.attempts, \
-                 reason = EXCLUDED.reason, requested_by = EXCLUDED.requested_by, \
-                 received_at = EXCLUDED.received_at, finished_at = EXCLUDED.finished_at, \
-                 redelivered = EXCLUDED.redelivered, message_id = EXCLUDED.message_id, \
-                 replay_of = EXCLUDED.replay_of, recorded_at = clock_timestamp() \
-               WHERE o.outcome = 'rejected' \
-               RETURNING o.request_id \
-             ) \
-             INSERT INTO termination_outcome_history \
-               (why, request_id, project_id, workflow_id, execution_id, outcome, http_status, \
-                error_code, error_msg, attempts, reason, requested_by, received_at, \
-                finished_at, redelivered, message_id, replay_of) \
-             SELECT CASE WHEN i.outcome = 'rejected' THEN 'rejected_after_final' \
-                         ELSE 'duplicate' END, i.* \
-             FROM input i WHERE i.request_id NOT IN (SELECT request_id FROM applied)",
-        )
-        .bind(self.request_id)
-        .bind(self.project_id)
-        .bind(self.workflow_id)
-        .bind(self.execution_id)
-        .bind(self.outcome)
-        .bind(self.http_status)
-        .bind(self.error_code)
-        .bind(self.error_msg)
-        .bind(self.attempts)
-        .bind(self.reason)
-        .bind(self.requested_by)
-        .bind(self.received_at)
-        .bind(self.finished_at)
-        .bind(self.redelivered)
-        .bind(self.message_id)
-        .bind(self.replay_of)
-        .execute(tx)
-        .await?;
+    /// The outcome upsert, with the attempts' insert in the same statement
+    /// when `attempts` is given.
+    async fn upsert(
+        self,
+        conn: &mut sqlx::PgConnection,
+        attempts: Option<AttemptColumns>,
+    ) -> Result<(), sqlx::Error> {
+        let sql = match attempts {
+            Some(_) => concat!(
+                "WITH att AS (INSERT INTO termination_attempts \
+                   (request_id, attempt, http_status, error_kind, error_code, error_msg, \
+                    body_excerpt, started_at, latency_ms) \
+                   SELECT * FROM UNNEST($17::text[], $18::int[], $19::int[], $20::text[], \
+                     $21::text[], $22::text[], $23::text[], $24::timestamptz[], $25::float8[])), ",
+                upsert_outcomes!()
+            ),
+            None => concat!("WITH ", upsert_outcomes!()),
+        };
+        let query = sqlx::query(sql)
+            .bind(self.request_id)
+            .bind(self.project_id)
+            .bind(self.workflow_id)
+            .bind(self.execution_id)
+            .bind(self.outcome)
+            .bind(self.http_status)
+            .bind(self.error_code)
+            .bind(self.error_msg)
+            .bind(self.attempts)
+            .bind(self.reason)
+            .bind(self.requested_by)
+            .bind(self.received_at)
+            .bind(self.finished_at)
+            .bind(self.redelivered)
+            .bind(self.message_id)
+            .bind(self.replay_of);
+        let query = match attempts {
+            Some(a) => a.bind_to(query),
+            None => query,
+        };
+        query.execute(conn).await?;
         Ok(())
     }
 }

@@ -412,6 +412,45 @@ pub struct OutcomeRow {
     pub skipped_redeliveries: i32,
 }
 
+/// Leave the broker and the server as we found them: hundreds of leftover
+/// quorum queues slow RabbitMQ down for every later run.
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let amqp_url = self.amqp_url.clone();
+        let queues = [self.queue.clone(), self.dead_letter_queue.clone()];
+        let admin_url = with_database(&self.database_url, "postgres");
+        let database = self.database_name();
+        let cleanup = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                if let Ok(conn) =
+                    Connection::connect(&amqp_url, ConnectionProperties::default()).await
+                    && let Ok(channel) = conn.create_channel().await
+                {
+                    for q in queues {
+                        let _ = channel
+                            .queue_delete(q.as_str().into(), Default::default())
+                            .await;
+                    }
+                    let _ = conn.close(200, "test done".into()).await;
+                }
+                if let Ok(mut admin) = PgConnection::connect(&admin_url).await {
+                    let _ =
+                        sqlx::query(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
+                            .execute(&mut admin)
+                            .await;
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
 pub struct Daemon {
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
