@@ -122,6 +122,22 @@ pub struct Rejection {
     pub error: String,
 }
 
+impl Rejection {
+    /// A rejection of which nothing but its derived id is known.
+    fn anonymous(request_id: String, error: String) -> Self {
+        Rejection {
+            request_id,
+            project_id: None,
+            workflow_id: None,
+            execution_id: None,
+            reason: None,
+            requested_by: None,
+            replay_of: None,
+            error,
+        }
+    }
+}
+
 /// One element of a message, in message order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Item {
@@ -152,18 +168,8 @@ impl ParsedMessage {
     /// seeds derived request ids so that a redelivery maps to the same ids.
     pub fn parse(body: &[u8], message_id: Option<&str>) -> ParsedMessage {
         let seed = IdSeed::new(body, message_id);
-        let unreadable = |error: String| {
-            ParsedMessage::Unreadable(Rejection {
-                request_id: seed.derive(0),
-                project_id: None,
-                workflow_id: None,
-                execution_id: None,
-                reason: None,
-                requested_by: None,
-                replay_of: None,
-                error,
-            })
-        };
+        let unreadable =
+            |error: String| ParsedMessage::Unreadable(Rejection::anonymous(seed.derive(0), error));
         if body.len() > MAX_BODY_BYTES {
             return unreadable(format!(
                 "message body is {} bytes, over the limit of {MAX_BODY_BYTES}",
@@ -244,16 +250,10 @@ impl IdSeed {
 
 fn parse_element(value: Value, index: usize, seed: &IdSeed) -> Item {
     let Value::Object(obj) = value else {
-        return Item::Invalid(Rejection {
-            request_id: seed.derive(index),
-            project_id: None,
-            workflow_id: None,
-            execution_id: None,
-            reason: None,
-            requested_by: None,
-            replay_of: None,
-            error: format!("request must be a JSON object, got {}", json_type(&value)),
-        });
+        return Item::Invalid(Rejection::anonymous(
+            seed.derive(index),
+            format!("request must be a JSON object, got {}", json_type(&value)),
+        ));
     };
     let mut errors = Vec::new();
     let request_id = match optional_text(&obj, "request_id", &mut errors) {

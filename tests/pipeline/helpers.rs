@@ -608,3 +608,22 @@ pub async fn output(mut child: Child) -> (Option<i32>, String) {
     let _ = stderr.read_to_string(&mut err).await;
     (status.code(), out + &err)
 }
+
+/// Run `aom-terminator run` with `vars` (and nothing else from the shell):
+/// it must exit 2 with one line that says `want` and shows no `secret`.
+pub async fn assert_refused_in_one_line(vars: &[(&str, &str)], want: &str, secret: &str) {
+    let child = binary()
+        .arg("run")
+        .envs(vars.iter().copied())
+        .spawn()
+        .expect("spawn");
+    let (code, out) = output(child).await;
+    assert_eq!(code, Some(2), "{vars:?}: {out}");
+    assert_eq!(
+        out.trim().lines().count(),
+        1,
+        "one line for {vars:?}: {out}"
+    );
+    assert!(out.contains(want), "{vars:?} should say {want}: {out}");
+    assert!(!out.contains("panicked") && !out.contains(secret), "{out}");
+}
