@@ -204,8 +204,16 @@ impl Session {
     }
 
     /// Messages ready in `queue`, or `None` if the broker did not say.
+    /// Asked on a channel of its own: a passive declare of a missing queue
+    /// closes its channel, and that must never be the consume channel,
+    /// whose unacked deliveries would all come back.
     pub async fn queue_depth(&self, queue: &str) -> Option<u32> {
-        depth(&self.consume, queue).await
+        let probe = self.connection.create_channel().await.ok()?;
+        let depth = depth(&probe, queue).await;
+        if probe.status().connected() {
+            let _ = probe.close(200, "depth probed".into()).await;
+        }
+        depth
     }
 
     pub fn publish_channel(&self) -> Channel {
