@@ -11,6 +11,7 @@ use crate::domain::Outcome;
 use crate::telemetry::cause_chain;
 use backon::{ExponentialBuilder, Retryable};
 use chrono::{DateTime, Utc};
+use prometheus_client::metrics::histogram::Histogram;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -73,24 +74,41 @@ pub enum Record {
 
 #[derive(Clone, Debug)]
 pub struct Audit {
+    /// Lookups and everything else.
     pool: PgPool,
+    /// Audit flushes only: one connection per writer lane, so each flush
+    /// runs on a backend that has its statements prepared and planned.
+    writes: PgPool,
     /// False from a failed database call until the next one succeeds: the
     /// daemon takes no new messages meanwhile, and is not ready.
     healthy: Arc<watch::Sender<bool>>,
 }
 
 impl Audit {
-    /// A lazy pool: nothing connects until the first query, so a database
+    /// Lazy pools: nothing connects until the first query, so a database
     /// that is down at start is retried like one that goes down later.
     pub fn new(options: PgConnectOptions, max_connections: u32) -> Self {
-        let pool = PgPoolOptions::new()
-            .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(5))
-            // Plan every lookup for its actual ids: a generic plan made while
-            // the table was small scans it whole, every time, ever after.
-            .connect_lazy_with(options.options([("plan_cache_mode", "force_custom_plan")]));
+        let lazy = |max: u32, options: PgConnectOptions| {
+            PgPoolOptions::new()
+                .max_connections(max)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_lazy_with(options)
+        };
+        // Plan every lookup for its actual ids: a generic plan made while
+        // the table was small scans it whole, every time, ever after. The
+        // flushes keep Postgres' default: their plan does not depend on the
+        // table's size, and re-planning the upsert for every flush cost a
+        // sixth of the database's time.
+        let pool = lazy(
+            max_connections,
+            options
+                .clone()
+                .options([("plan_cache_mode", "force_custom_plan")]),
+        );
+        let writes = lazy(LANES as u32, options);
         Self {
             pool,
+            writes,
             healthy: Arc::new(watch::Sender::new(true)),
         }
     }
@@ -220,13 +238,13 @@ impl Audit {
             // The common flush: attempts and outcomes in one statement, which
             // is atomic on its own: one round trip instead of four.
             let layer = layers.pop().unwrap_or_default();
-            let mut conn = self.pool.acquire().await?;
+            let mut conn = self.writes.acquire().await?;
             OutcomeColumns::from(layer.as_slice())
                 .upsert(&mut conn, Some(attempts))
                 .await?;
             return Ok(());
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writes.begin().await?;
         if !attempts.request_id.is_empty() {
             attempts.insert(&mut tx).await?;
         }
@@ -513,9 +531,9 @@ impl FinalLookups {
 /// Ids per lookup query at most (one message can bring 10,000).
 const MAX_LOOKUP_IDS: usize = 20_000;
 
-async fn lookup_loop(audit: Audit, mut rx: mpsc::Receiver<LookupJob>, abort: CancellationToken) {
+async fn lookup_loop(audit: Audit, queue: SharedQueue<LookupJob>, abort: CancellationToken) {
     let mut jobs = Vec::new();
-    while rx.recv_many(&mut jobs, 512).await > 0 {
+    while take(&queue, &mut jobs, 512).await > 0 {
         // Answer in chunks of whole jobs that fit one query.
         while !jobs.is_empty() {
             let mut take = 0;
@@ -558,21 +576,32 @@ pub struct AuditWriter {
     lanes: Lanes<Job>,
 }
 
-/// A few tasks working the same kind of job, each on its own connection:
-/// one flush (or lookup) no longer waits for the previous one to return.
+/// A few tasks working the same kind of job, each on its own connection,
+/// all taking from one queue: whichever is free takes everything that has
+/// queued up. One flush (or lookup) never waits for the previous one to
+/// return, and each takes jobs in arrival order, so the messages a flush
+/// completes are mostly consecutive (their acks coalesce).
 #[derive(Debug)]
 struct Lanes<J> {
-    senders: Arc<[mpsc::Sender<J>]>,
-    next: Arc<std::sync::atomic::AtomicUsize>,
+    sender: mpsc::Sender<J>,
 }
 
 impl<J> Clone for Lanes<J> {
     fn clone(&self) -> Self {
         Self {
-            senders: Arc::clone(&self.senders),
-            next: Arc::clone(&self.next),
+            sender: self.sender.clone(),
         }
     }
+}
+
+/// The queue the lanes share; a lane holds the lock only while it waits
+/// for jobs, never while it works on them.
+type SharedQueue<J> = Arc<tokio::sync::Mutex<mpsc::Receiver<J>>>;
+
+/// Take what has queued up (at least one job, at most `max`); 0 once the
+/// queue is closed and empty.
+async fn take<J>(queue: &SharedQueue<J>, into: &mut Vec<J>, max: usize) -> usize {
+    queue.lock().await.recv_many(into, max).await
 }
 
 /// Writers and lookup workers each.
@@ -581,16 +610,14 @@ const LANES: usize = 2;
 impl<J: Send + 'static> Lanes<J> {
     fn spawn<F, Fut>(capacity: usize, work: F) -> (Self, tokio::task::JoinHandle<()>)
     where
-        F: Fn(mpsc::Receiver<J>) -> Fut,
+        F: Fn(SharedQueue<J>) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let mut senders = Vec::with_capacity(LANES);
-        let mut tasks = Vec::with_capacity(LANES);
-        for _ in 0..LANES {
-            let (tx, rx) = mpsc::channel(capacity);
-            senders.push(tx);
-            tasks.push(tokio::spawn(work(rx)));
-        }
+        let (sender, receiver) = mpsc::channel(capacity);
+        let queue = Arc::new(tokio::sync::Mutex::new(receiver));
+        let tasks: Vec<_> = (0..LANES)
+            .map(|_| tokio::spawn(work(Arc::clone(&queue))))
+            .collect();
         let all = tokio::spawn(async move {
             for task in tasks {
                 if let Err(e) = task.await {
@@ -598,16 +625,11 @@ impl<J: Send + 'static> Lanes<J> {
                 }
             }
         });
-        let lanes = Self {
-            senders: senders.into(),
-            next: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
-        };
-        (lanes, all)
+        (Self { sender }, all)
     }
 
     async fn send(&self, job: J) -> bool {
-        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.senders.len();
-        self.senders[i].send(job).await.is_ok()
+        self.sender.send(job).await.is_ok()
     }
 }
 
@@ -620,14 +642,14 @@ impl std::fmt::Debug for Job {
 impl AuditWriter {
     /// Start the writer. It runs until every `AuditWriter` clone is dropped
     /// and the queue is drained; `abort` makes pending writes give up.
-    /// `flush_seconds` observes how long each flush takes.
+    /// `flushes` observes each flush.
     pub fn spawn(
         audit: Audit,
         abort: CancellationToken,
-        flush_seconds: prometheus_client::metrics::histogram::Histogram,
+        flushes: FlushMetrics,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (lanes, handle) = Lanes::spawn(4 * MAX_FLUSH, |rx| {
-            write_loop(audit.clone(), rx, abort.clone(), flush_seconds.clone())
+            write_loop(audit.clone(), rx, abort.clone(), flushes.clone())
         });
         (Self { lanes }, handle)
     }
@@ -643,21 +665,29 @@ impl AuditWriter {
     }
 }
 
+/// How long each audit flush took, and how many records it committed.
+#[derive(Clone, Debug)]
+pub struct FlushMetrics {
+    pub seconds: Histogram,
+    pub records: Histogram,
+}
+
 async fn write_loop(
     audit: Audit,
-    mut rx: mpsc::Receiver<Job>,
+    queue: SharedQueue<Job>,
     abort: CancellationToken,
-    flush_seconds: prometheus_client::metrics::histogram::Histogram,
+    flushes: FlushMetrics,
 ) {
     let mut jobs = Vec::with_capacity(MAX_FLUSH);
-    while rx.recv_many(&mut jobs, MAX_FLUSH).await > 0 {
+    while take(&queue, &mut jobs, MAX_FLUSH).await > 0 {
         let started = std::time::Instant::now();
         let records: Vec<&Record> = jobs.iter().map(|j| &j.record).collect();
         let committed = audit
             .until_done("audit write", &abort, || audit.write(&records))
             .await
             .is_some();
-        flush_seconds.observe(started.elapsed().as_secs_f64());
+        flushes.seconds.observe(started.elapsed().as_secs_f64());
+        flushes.records.observe(jobs.len() as f64);
         for job in jobs.drain(..) {
             let _ = job.done.send(committed);
         }

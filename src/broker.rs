@@ -8,10 +8,10 @@ use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::{AMQPValue, DeliveryTag, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +141,7 @@ pub struct Session {
     consume: Channel,
     publish: Channel,
     consumer_tag: String,
+    acks: Acks,
 }
 
 impl Session {
@@ -172,6 +173,7 @@ impl Session {
             publish,
             // Random suffix: two daemons (or two sessions) never collide.
             consumer_tag: format!("aom-terminator-{suffix}"),
+            acks: Acks::spawn(),
         })
     }
 
@@ -198,8 +200,10 @@ impl Session {
             )
             .await
             .map_err(call("start consuming"))?;
-        Ok(futures_util::StreamExt::map(consumer, |d| {
-            d.map(Incoming::from).map_err(call("receive a delivery"))
+        let acks = self.acks.sink();
+        Ok(futures_util::StreamExt::map(consumer, move |d| {
+            d.map(|d| Incoming::new(d, acks.clone()))
+                .map_err(call("receive a delivery"))
         }))
     }
 
@@ -239,8 +243,10 @@ impl Session {
         }
     }
 
-    /// Close cleanly; unacked messages return to the queue.
+    /// Close cleanly, after the acks already settled have gone out;
+    /// unacked messages return to the queue.
     pub async fn close(&self) {
+        self.acks.flush().await;
         for channel in [&self.consume, &self.publish] {
             if channel.status().connected() {
                 let _ = channel.close(200, "shutdown".into()).await;
@@ -257,33 +263,296 @@ pub struct Incoming {
     pub body: Vec<u8>,
     pub message_id: Option<String>,
     pub redelivered: bool,
+    tag: DeliveryTag,
     acker: lapin::Acker,
+    acks: mpsc::UnboundedSender<AckCommand>,
 }
 
-impl From<lapin::message::Delivery> for Incoming {
-    fn from(d: lapin::message::Delivery) -> Self {
+impl Incoming {
+    fn new(d: lapin::message::Delivery, acks: mpsc::UnboundedSender<AckCommand>) -> Self {
         Self {
             message_id: d.properties.message_id().as_ref().map(|m| m.to_string()),
             redelivered: d.redelivered,
             body: d.data,
+            tag: d.delivery_tag,
             acker: d.acker,
+            acks,
+        }
+    }
+
+    /// Settle the message: it is acked on the channel it came from, soon,
+    /// together with its neighbours (see [`Acks`]). If that channel is gone
+    /// by then, the broker redelivers it and the audit's dedupe absorbs it.
+    pub fn ack(self) {
+        let settled = AckCommand::Settled(self.tag, self.acker);
+        if self.acks.send(settled).is_err() {
+            tracing::warn!("could not ack a message (session closed); it will be redelivered");
         }
     }
 }
 
-impl Incoming {
-    /// Ack on the channel the message came from. `false` if that channel is
-    /// gone: the broker will redeliver, and the audit's dedupe absorbs it.
-    pub async fn ack(&self) -> bool {
-        match self.acker.ack(BasicAckOptions { multiple: false }).await {
-            Ok(_) => true,
-            Err(e) => {
-                tracing::warn!(
-                    error.cause_chain = %cause_chain(&e),
-                    "could not ack a message (channel lost); it will be redelivered"
-                );
-                false
+enum AckCommand {
+    Settled(DeliveryTag, lapin::Acker),
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Settled messages wait this long at most for the messages delivered
+/// before them to settle, before they are acked one by one.
+const ACK_HOLD: Duration = Duration::from_millis(5);
+
+/// The acks of one consume channel, coalesced. Delivery tags on a channel
+/// are consecutive from 1, and only this daemon's consumer uses the
+/// channel; when every message up to tag N is settled, one `basic.ack`
+/// with `multiple` acks them all: one frame (and one broker-side settle)
+/// per run of messages instead of one per message. A message settled while
+/// an earlier one is still being worked on (a long retry, a big batch) is
+/// acked on its own after [`ACK_HOLD`], so a slow message never holds the
+/// others' prefetch slots. A multiple ack never covers an unsettled tag.
+struct Acks {
+    sink: mpsc::UnboundedSender<AckCommand>,
+}
+
+impl Acks {
+    fn spawn() -> Self {
+        let (sink, commands) = mpsc::unbounded_channel();
+        tokio::spawn(coalesce_acks(commands));
+        Self { sink }
+    }
+
+    fn sink(&self) -> mpsc::UnboundedSender<AckCommand> {
+        self.sink.clone()
+    }
+
+    /// Send every settled ack now and wait until they are handed to the
+    /// connection.
+    async fn flush(&self) {
+        let (done, flushed) = tokio::sync::oneshot::channel();
+        if self.sink.send(AckCommand::Flush(done)).is_ok() {
+            let _ = flushed.await;
+        }
+    }
+}
+
+async fn coalesce_acks(mut commands: mpsc::UnboundedReceiver<AckCommand>) {
+    let mut pending = AckWindow::<lapin::Acker>::default();
+    let mut batch = Vec::new();
+    loop {
+        let hold_expires = pending.oldest().map(|t| t + ACK_HOLD);
+        tokio::select! {
+            n = commands.recv_many(&mut batch, 4096) => {
+                if n == 0 {
+                    break;
+                }
+                // Let the other messages settled by the same audit flush
+                // queue up behind this one: they go out in the same ack.
+                tokio::task::yield_now().await;
+                while let Ok(more) = commands.try_recv() {
+                    batch.push(more);
+                }
             }
+            () = sleep_until_some(hold_expires) => {}
+        }
+        let mut flushes = Vec::new();
+        let now = tokio::time::Instant::now();
+        for command in batch.drain(..) {
+            match command {
+                AckCommand::Settled(tag, acker) => pending.settle(tag, acker, now),
+                AckCommand::Flush(done) => flushes.push(done),
+            }
+        }
+        let cutoff = if flushes.is_empty() {
+            now.checked_sub(ACK_HOLD)
+        } else {
+            Some(now)
+        };
+        // The acks of one round cover disjoint tags, so lapin may send them
+        // in any order; the next round waits until these are out, so that
+        // a later multiple ack never overtakes a single ack it covers (the
+        // broker closes the channel on an ack of an unknown tag).
+        send_acks(pending.due(cutoff)).await;
+        for done in flushes {
+            let _ = done.send(());
+        }
+    }
+    send_acks(pending.due(Some(tokio::time::Instant::now()))).await;
+}
+
+async fn send_acks(acks: Vec<(lapin::Acker, bool)>) {
+    futures_util::future::join_all(acks.into_iter().map(|(acker, multiple)| async move {
+        if let Err(e) = acker.ack(BasicAckOptions { multiple }).await {
+            tracing::warn!(
+                error.cause_chain = %cause_chain(&e),
+                "could not ack (channel lost); the messages will be redelivered"
+            );
+        }
+    }))
+    .await;
+}
+
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Which settled messages of one channel are not acked yet. `A` is what
+/// acks a tag (lapin's `Acker`; a plain tag in the tests).
+struct AckWindow<A> {
+    /// Every tag below this is acked (or was acked on its own).
+    next: DeliveryTag,
+    /// Settled, not acked yet, with when they settled.
+    settled: std::collections::BTreeMap<DeliveryTag, (A, tokio::time::Instant)>,
+    /// Above `next`, acked on their own already.
+    acked_alone: std::collections::BTreeSet<DeliveryTag>,
+}
+
+impl<A> Default for AckWindow<A> {
+    fn default() -> Self {
+        Self {
+            // The broker numbers a channel's deliveries from 1.
+            next: 1,
+            settled: Default::default(),
+            acked_alone: Default::default(),
+        }
+    }
+}
+
+impl<A> AckWindow<A> {
+    fn settle(&mut self, tag: DeliveryTag, acker: A, at: tokio::time::Instant) {
+        self.settled.insert(tag, (acker, at));
+    }
+
+    fn oldest(&self) -> Option<tokio::time::Instant> {
+        self.settled.values().map(|(_, at)| *at).min()
+    }
+
+    /// The acks to send now, `(acker, multiple)`: one multiple ack for the
+    /// settled run that starts at the lowest unacked tag, then a single ack
+    /// for every message settled at or before `alone_before` that the run
+    /// did not reach. They cover disjoint tags.
+    fn due(&mut self, alone_before: Option<tokio::time::Instant>) -> Vec<(A, bool)> {
+        let mut due = Vec::new();
+        let mut run = None;
+        loop {
+            if let Some((acker, _)) = self.settled.remove(&self.next) {
+                run = Some(acker);
+            } else if !self.acked_alone.remove(&self.next) {
+                break;
+            }
+            self.next += 1;
+        }
+        if let Some(acker) = run {
+            due.push((acker, true));
+        }
+        if let Some(before) = alone_before {
+            let late: Vec<DeliveryTag> = self
+                .settled
+                .iter()
+                .filter(|(_, (_, at))| *at <= before)
+                .map(|(tag, _)| *tag)
+                .collect();
+            for tag in late {
+                if let Some((acker, _)) = self.settled.remove(&tag) {
+                    self.acked_alone.insert(tag);
+                    due.push((acker, false));
+                }
+            }
+        }
+        due
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use tokio::time::Instant;
+
+    #[test]
+    fn a_settled_run_goes_out_as_one_multiple_ack() {
+        let now = Instant::now();
+        let mut w = AckWindow::default();
+        for tag in [2, 1, 3] {
+            w.settle(tag, tag, now);
+        }
+        assert_eq!(w.due(None), vec![(3, true)]);
+        assert_eq!(w.due(None), vec![]);
+    }
+
+    #[test]
+    fn a_gap_holds_later_tags_until_they_are_due_alone() {
+        let now = Instant::now();
+        let mut w = AckWindow::default();
+        w.settle(1, 1, now);
+        w.settle(3, 3, now);
+        w.settle(4, 4, now + ACK_HOLD);
+        // 2 is still being worked on: 1 goes, 3 and 4 wait.
+        assert_eq!(w.due(now.checked_sub(ACK_HOLD)), vec![(1, true)]);
+        // 3 has waited long enough; 4 not yet.
+        assert_eq!(w.due(Some(now)), vec![(3, false)]);
+        // 2 settles: the run 2..=4 passes over 3, already acked.
+        w.settle(2, 2, now + ACK_HOLD);
+        assert_eq!(w.due(Some(now)), vec![(4, true)]);
+        assert!(w.settled.is_empty() && w.acked_alone.is_empty());
+    }
+
+    proptest! {
+        /// Whatever the order and timing of settles: every tag is acked
+        /// exactly once, and a multiple ack covers only settled tags.
+        #[test]
+        fn every_settled_tag_is_acked_once_and_no_unsettled_one(
+            order in Just((1..=40u64).collect::<Vec<_>>()).prop_shuffle(),
+            never in proptest::collection::btree_set(1..=40u64, 0..4),
+            rounds in proptest::collection::vec((1usize..8, any::<bool>()), 1..40),
+        ) {
+            let start = Instant::now();
+            let mut w = AckWindow::default();
+            let mut settled = std::collections::BTreeSet::new();
+            let mut acked = std::collections::BTreeMap::<u64, u32>::new();
+            let mut covered_below = 1u64;
+            let mut queue = order.into_iter().filter(|t| !never.contains(t));
+            for (round, (n, late)) in rounds.into_iter().enumerate() {
+                let at = start + ACK_HOLD * round as u32;
+                for tag in queue.by_ref().take(n) {
+                    settled.insert(tag);
+                    w.settle(tag, tag, at);
+                }
+                let cutoff = if late { Some(at) } else { None };
+                for (tag, multiple) in w.due(cutoff) {
+                    if multiple {
+                        for t in covered_below..=tag {
+                            prop_assert!(settled.contains(&t), "multiple ack covers unsettled {t}");
+                            if !acked.contains_key(&t) {
+                                *acked.entry(t).or_default() += 1;
+                            }
+                        }
+                        covered_below = tag + 1;
+                    } else {
+                        prop_assert!(settled.contains(&tag));
+                        prop_assert!(tag >= covered_below, "alone ack of a tag already covered");
+                        *acked.entry(tag).or_default() += 1;
+                    }
+                }
+            }
+            for tag in queue {
+                settled.insert(tag);
+                w.settle(tag, tag, start);
+            }
+            let end = start + ACK_HOLD * 100;
+            for (tag, multiple) in w.due(Some(end)) {
+                if multiple {
+                    for t in covered_below..=tag {
+                        prop_assert!(settled.contains(&t));
+                        acked.entry(t).or_insert(1);
+                    }
+                    covered_below = tag + 1;
+                } else {
+                    *acked.entry(tag).or_default() += 1;
+                }
+            }
+            prop_assert_eq!(acked.keys().copied().collect::<std::collections::BTreeSet<_>>(), settled);
+            prop_assert!(acked.values().all(|n| *n == 1));
         }
     }
 }

@@ -6,7 +6,7 @@
 //! whatever has not finished is left unacked for the broker to redeliver.
 
 use crate::api::TerminateClient;
-use crate::audit::{Audit, AuditWriter, FinalLookups};
+use crate::audit::{Audit, AuditWriter, FinalLookups, FlushMetrics};
 use crate::broker::{DeadLetters, Session};
 use crate::config::DaemonConfig;
 use crate::dispatch::Dispatcher;
@@ -80,7 +80,10 @@ async fn serve(
     let (writer, writer_task) = AuditWriter::spawn(
         audit.clone(),
         abort.clone(),
-        metrics.audit_write_latency.clone(),
+        FlushMetrics {
+            seconds: metrics.audit_write_latency.clone(),
+            records: metrics.audit_write_records.clone(),
+        },
     );
     let (lookups, lookup_task) = FinalLookups::spawn(audit.clone(), abort.clone());
     let (publish_channel, dead_letters) = DeadLetters::new(cfg.amqp.clone());

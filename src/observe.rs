@@ -36,6 +36,7 @@ pub struct Metrics {
     pub in_flight: Gauge,
     pub api_latency: Histogram,
     pub audit_write_latency: Histogram,
+    pub audit_write_records: Histogram,
     pub queue_depth: Gauge,
     pub reconnects: Counter,
     pub skipped_redeliveries: Counter,
@@ -58,6 +59,7 @@ impl Metrics {
             in_flight: Gauge::default(),
             api_latency: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             audit_write_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            audit_write_records: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
             queue_depth: Gauge::default(),
             reconnects: Counter::default(),
             skipped_redeliveries: Counter::default(),
@@ -76,6 +78,11 @@ impl Metrics {
             "audit_write_seconds",
             "Duration of one audit flush",
             m.audit_write_latency.clone(),
+        );
+        registry.register(
+            "audit_write_records",
+            "Records committed by one audit flush",
+            m.audit_write_records.clone(),
         );
         registry.register(
             "queue_depth",

@@ -91,7 +91,8 @@ impl Pipeline {
             }
         };
         if complete {
-            message.ack().await
+            message.ack();
+            true
         } else {
             tracing::info!(
                 message_id = message.message_id.as_deref().unwrap_or(""),

@@ -528,3 +528,33 @@ async fn in_flight_calls_never_exceed_the_concurrency() {
     );
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn a_slow_message_does_not_hold_back_the_acks_of_later_ones() {
+    // Acks are coalesced into runs of consecutive delivery tags. With a
+    // prefetch of 2, a finished message held unacked behind a slow one
+    // would fill the window, and nothing after it could be delivered until
+    // the slow one finished.
+    let env = TestEnv::new().await;
+    env.publish(&request("slow", "slow-60000-x"), None).await;
+    publish_singles(&env, "fast", 10).await;
+    let daemon = env.start_daemon(&["--prefetch", "2", "--shutdown-grace", "1s"]);
+    // Only the ten fast ones can have outcomes while the slow call runs.
+    env.wait_outcomes(10).await;
+    assert_eq!(
+        env.count("SELECT count(*) FROM termination_outcomes WHERE request_id LIKE 'fast%'")
+            .await,
+        10,
+        "the slow call is still running"
+    );
+    eventually("the later messages acked", || async {
+        env.ready_requests().await == 0
+    })
+    .await;
+    daemon.stop().await;
+    // The slow one was cut short by the shutdown: unacked, so back in the queue.
+    eventually("the slow message returned to the queue", || async {
+        env.ready_requests().await == 1
+    })
+    .await;
+}
