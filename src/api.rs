@@ -91,7 +91,8 @@ pub struct Attempt {
 #[derive(Clone)]
 pub struct TerminateClient {
     http: reqwest::Client,
-    base: String,
+    /// The endpoint, parsed once; each call's URL is a copy with its path.
+    base: Url,
     auth: Auth,
 }
 
@@ -126,19 +127,24 @@ impl TerminateClient {
         let auth = Auth::new(auth, http.clone())?;
         Ok(Self {
             http,
-            base: endpoint.as_str().trim_end_matches('/').to_owned(),
+            base: endpoint.clone(),
             auth,
         })
     }
 
-    pub fn url_for(&self, req: &TerminationRequest) -> String {
-        format!(
+    /// The terminate route under the endpoint (and its path prefix, if any).
+    /// Only the path is built per call: the host is not parsed again.
+    pub fn url_for(&self, req: &TerminationRequest) -> Url {
+        let path = format!(
             "{}/v1/{}/cms/workflow/{}/executions/{}/terminate",
-            self.base,
+            self.base.path().trim_end_matches('/'),
             utf8_percent_encode(req.project_id.as_str(), PATH_SEGMENT),
             utf8_percent_encode(req.workflow_id.as_str(), PATH_SEGMENT),
             utf8_percent_encode(req.execution_id.as_str(), PATH_SEGMENT),
-        )
+        );
+        let mut url = self.base.clone();
+        url.set_path(&path);
+        url
     }
 
     pub fn auth(&self) -> &Auth {
@@ -148,9 +154,7 @@ impl TerminateClient {
     /// One attempt. A network error is an attempt too; only a credential
     /// that cannot be had (IAM refusing, say) fails, and no call is made.
     pub async fn terminate(&self, req: &TerminationRequest) -> Result<Attempt, AuthError> {
-        let url = self.url_for(req);
-        let parsed = Url::parse(&url)
-            .map_err(|e| AuthError::Request(format!("cannot build the URL: {e}")))?;
+        let parsed = self.url_for(req);
         let credential = self
             .auth
             .credential(&CallInfo {
@@ -422,7 +426,7 @@ mod tests {
             replay_of: None,
         };
         assert_eq!(
-            client.url_for(&req),
+            client.url_for(&req).as_str(),
             "https://aom.example.com/prefix/v1/0123456789abcdef0123456789abcdef/cms/workflow/\
              wf%2F..%2Fx%20y/executions/ex%3Fa%3D1%23%C3%A9/terminate"
         );

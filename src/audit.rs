@@ -105,7 +105,7 @@ impl Audit {
                 .clone()
                 .options([("plan_cache_mode", "force_custom_plan")]),
         );
-        let writes = lazy(LANES as u32, options);
+        let writes = lazy(WRITE_LANES as u32, options);
         Self {
             pool,
             writes,
@@ -512,8 +512,9 @@ impl std::fmt::Debug for LookupJob {
 
 impl FinalLookups {
     pub fn spawn(audit: Audit, abort: CancellationToken) -> (Self, tokio::task::JoinHandle<()>) {
-        let (lanes, handle) =
-            Lanes::spawn(4096, |rx| lookup_loop(audit.clone(), rx, abort.clone()));
+        let (lanes, handle) = Lanes::spawn(LOOKUP_LANES, 4096, |rx| {
+            lookup_loop(audit.clone(), rx, abort.clone())
+        });
         (Self { lanes }, handle)
     }
 
@@ -604,18 +605,22 @@ async fn take<J>(queue: &SharedQueue<J>, into: &mut Vec<J>, max: usize) -> usize
     queue.lock().await.recv_many(into, max).await
 }
 
-/// Writers and lookup workers each.
-const LANES: usize = 2;
+/// Writer lanes: one. A second writer halves the rows per flush, and
+/// Postgres' cost is mostly per flush (planning, commit, WAL flush); with
+/// one, a flush takes everything that queued during the last one.
+const WRITE_LANES: usize = 1;
+/// Lookup lanes: one, for the same reason (measured: two were slower).
+const LOOKUP_LANES: usize = 1;
 
 impl<J: Send + 'static> Lanes<J> {
-    fn spawn<F, Fut>(capacity: usize, work: F) -> (Self, tokio::task::JoinHandle<()>)
+    fn spawn<F, Fut>(lanes: usize, capacity: usize, work: F) -> (Self, tokio::task::JoinHandle<()>)
     where
         F: Fn(SharedQueue<J>) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let (sender, receiver) = mpsc::channel(capacity);
         let queue = Arc::new(tokio::sync::Mutex::new(receiver));
-        let tasks: Vec<_> = (0..LANES)
+        let tasks: Vec<_> = (0..lanes)
             .map(|_| tokio::spawn(work(Arc::clone(&queue))))
             .collect();
         let all = tokio::spawn(async move {
@@ -648,7 +653,7 @@ impl AuditWriter {
         abort: CancellationToken,
         flushes: FlushMetrics,
     ) -> (Self, tokio::task::JoinHandle<()>) {
-        let (lanes, handle) = Lanes::spawn(4 * MAX_FLUSH, |rx| {
+        let (lanes, handle) = Lanes::spawn(WRITE_LANES, 4 * MAX_FLUSH, |rx| {
             write_loop(audit.clone(), rx, abort.clone(), flushes.clone())
         });
         (Self { lanes }, handle)

@@ -144,7 +144,7 @@ impl Pipeline {
         // Claim first, look up second: a request that finishes between the
         // two is then either still claimed (we follow it) or committed (the
         // lookup sees it). The other order could send it twice.
-        let claims: Vec<Claim<'_>> = requests
+        let mut claims: Vec<Claim<'_>> = requests
             .iter()
             .map(|r| self.in_flight.claim(&r.request_id))
             .collect();
@@ -154,10 +154,26 @@ impl Pipeline {
             .filter(|(_, c)| matches!(c, Claim::Leader(_)))
             .map(|(r, _)| r.request_id.clone())
             .collect();
-        let (finals, before) = match self.lookup(&leading, cx.message.redelivered).await {
+        let (finals, before) = match self.lookup(leading, cx.message.redelivered).await {
             Some(found) => found,
             None => return false,
         };
+        let prepared = |req: &TerminationRequest| {
+            (
+                finals.contains(&req.request_id),
+                before.get(&req.request_id).copied().unwrap_or(0),
+            )
+        };
+        if let ([req], [_]) = (requests.as_slice(), claims.as_slice()) {
+            // One request (most messages): no need for the machinery below.
+            let (already_final, attempts_before) = prepared(req);
+            let Some(claim) = claims.pop() else {
+                return false;
+            };
+            return self
+                .one(cx, req, claim, already_final, attempts_before)
+                .await;
+        }
         // A hand-rolled buffer_unordered: futures are created only as slots
         // free up, so a batch of 10,000 holds `concurrency` of them at once.
         let mut queue = requests.iter().zip(claims);
@@ -168,8 +184,7 @@ impl Pipeline {
                 let Some((req, claim)) = queue.next() else {
                     break;
                 };
-                let already_final = finals.contains(&req.request_id);
-                let attempts_before = before.get(&req.request_id).copied().unwrap_or(0);
+                let (already_final, attempts_before) = prepared(req);
                 running.push(self.one(cx, req, claim, already_final, attempts_before));
             }
             match running.next().await {
@@ -181,23 +196,23 @@ impl Pipeline {
 
     async fn lookup(
         &self,
-        ids: &[String],
+        ids: Vec<String>,
         redelivered: bool,
     ) -> Option<(HashSet<String>, HashMap<String, u32>)> {
         if ids.is_empty() {
             return Some(Default::default());
         }
-        let finals = self.lookups.already_final(ids.to_vec()).await?;
         // Only a redelivery can have attempts on record from before.
         let before = if redelivered {
             self.audit
                 .until_done("attempt lookup", &self.abort, || {
-                    self.audit.attempts_recorded(ids)
+                    self.audit.attempts_recorded(&ids)
                 })
                 .await?
         } else {
             HashMap::new()
         };
+        let finals = self.lookups.already_final(ids).await?;
         Some((finals, before))
     }
 
