@@ -517,6 +517,9 @@ async fn run_in(bench: &Bench, scenario: &Scenario, names: &Names) -> Result<Run
         ("DEAD_LETTER_QUEUE".into(), names.dead_letter_queue.clone()),
         ("CONCURRENCY".into(), scenario.concurrency.to_string()),
         ("RUST_LOG".into(), "warn".into()),
+        // A port of its own: a daemon left running elsewhere on the default
+        // one would make this one refuse to start.
+        ("METRICS_ADDR".into(), format!("127.0.0.1:{}", free_port()?)),
     ];
     if let Some(p) = scenario.prefetch {
         daemon_env.push(("PREFETCH".into(), p.to_string()));
@@ -634,7 +637,15 @@ async fn run_in(bench: &Bench, scenario: &Scenario, names: &Names) -> Result<Run
         .context("connect to the bench database")?;
 
     let daemon_log = bench.log_dir.join(format!("{}-daemon.log", names.database));
-    println!("daemon log {}", daemon_log.display());
+    println!(
+        "daemon log {}, metrics http://{}/metrics",
+        daemon_log.display(),
+        daemon_env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "METRICS_ADDR")
+            .map_or("", |(_, v)| v.as_str())
+    );
     let start = CpuSnapshot::take(sandbox_pid, None)?;
     let t0 = Instant::now();
     let t0_epoch = SystemTime::now()

@@ -7,12 +7,6 @@ use aom_terminator::{daemon, deadletters, enqueue, report, sandbox, telemetry};
 use clap::{CommandFactory, Parser};
 use std::process::ExitCode;
 
-// The daemon allocates small, short-lived objects at a high rate on several
-// threads (deliveries, HTTP requests, audit records); mimalloc keeps that
-// cheap where glibc's malloc showed up at ~12% of the daemon's profile.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     // One crypto provider for every TLS user (reqwest, lapin), chosen before
     // any connection; an error only means it is already installed.
