@@ -49,6 +49,8 @@ const AUTH_TOKEN: &str = "bench";
 const CONFIRM_WINDOW: usize = 4096;
 /// How often RSS and the outcome count are sampled.
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
+/// A run whose outcome count has not moved for this long has failed.
+const STALL: Duration = Duration::from_secs(60);
 /// Largest batch the daemon accepts in one message.
 const MAX_BATCH: u64 = 10_000;
 
@@ -666,6 +668,8 @@ async fn run_in(bench: &Bench, scenario: &Scenario, names: &Names) -> Result<Run
     let mut last_error: Option<String>;
     let mut exited_early = None;
     let mut timed_out = false;
+    let mut stalled = false;
+    let mut last_change = (0_i64, Instant::now());
     loop {
         if let Some(kib) = status_kib(daemon_pid, "VmRSS:") {
             rss_max_kib = rss_max_kib.max(kib);
@@ -674,8 +678,9 @@ async fn run_in(bench: &Bench, scenario: &Scenario, names: &Names) -> Result<Run
         }
         samples += 1;
         last_error = match progress(&mut db, target, samples.is_multiple_of(10)).await {
+            // Outcomes only grow; the cheap estimate can read low.
             Ok(n) => {
-                seen = n;
+                seen = seen.max(n);
                 None
             }
             // The table appears when the daemon has migrated.
@@ -692,6 +697,14 @@ async fn run_in(bench: &Bench, scenario: &Scenario, names: &Names) -> Result<Run
             timed_out = true;
             break;
         }
+        // A run that stops short (requests rejected instead of sent, say)
+        // fails soon instead of at the timeout.
+        if seen != last_change.0 {
+            last_change = (seen, Instant::now());
+        } else if last_change.1.elapsed() >= STALL {
+            stalled = true;
+            break;
+        }
         tokio::time::sleep(SAMPLE_EVERY).await;
     }
     let wall = t0.elapsed();
@@ -701,6 +714,13 @@ async fn run_in(bench: &Bench, scenario: &Scenario, names: &Names) -> Result<Run
     let hwm_kib = status_kib(daemon_pid, "VmHWM:");
     if let Some(kib) = status_kib(daemon_pid, "VmRSS:") {
         rss_max_kib = rss_max_kib.max(kib);
+    }
+    if stalled {
+        failures.push(format!(
+            "no progress for {} s at {seen} of {target} outcomes; see {}",
+            STALL.as_secs(),
+            daemon_log.display()
+        ));
     }
     if timed_out {
         failures.push(format!(

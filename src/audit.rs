@@ -577,11 +577,10 @@ pub struct AuditWriter {
     lanes: Lanes<Job>,
 }
 
-/// A few tasks working the same kind of job, each on its own connection,
-/// all taking from one queue: whichever is free takes everything that has
-/// queued up. One flush (or lookup) never waits for the previous one to
-/// return, and each takes jobs in arrival order, so the messages a flush
-/// completes are mostly consecutive (their acks coalesce).
+/// Tasks working the same kind of job (one each for now, see
+/// [`WRITE_LANES`]), all taking from one queue: whichever is free takes
+/// everything that has queued up, in arrival order, so the messages a
+/// flush completes are mostly consecutive (their acks coalesce).
 #[derive(Debug)]
 struct Lanes<J> {
     sender: mpsc::Sender<J>,

@@ -43,7 +43,7 @@ struct Context<'a> {
 
 impl Pipeline {
     /// Handle one message; ack it if every request in it reached a
-    /// committed outcome. Returns whether it was acked.
+    /// committed outcome. Returns whether it was settled for acking.
     pub async fn handle(&self, message: Incoming, parsed: ParsedMessage) -> bool {
         let cx = Context {
             message: &message,
