@@ -246,7 +246,9 @@ impl Session {
     /// Close cleanly, after the acks already settled have gone out;
     /// unacked messages return to the queue.
     pub async fn close(&self) {
-        self.acks.flush().await;
+        // Bounded: a broker that stopped reading must not hold up the exit
+        // (what is not acked is redelivered, and the audit's dedupe skips it).
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.acks.flush()).await;
         for channel in [&self.consume, &self.publish] {
             if channel.status().connected() {
                 let _ = channel.close(200, "shutdown".into()).await;
