@@ -5,12 +5,31 @@ use aom_terminator::sandbox::SandboxArgs;
 use std::process::Stdio;
 use tokio::io::AsyncWriteExt;
 
-fn write_file(name: &str, text: &str) -> std::path::PathBuf {
+/// A file in a directory of its own, removed with it when dropped.
+struct TempFile {
+    dir: std::path::PathBuf,
+    path: std::path::PathBuf,
+}
+
+impl std::ops::Deref for TempFile {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn write_file(name: &str, text: &str) -> TempFile {
     let dir = std::env::temp_dir().join(format!("aomt-tools-{:x}", fastrand::u64(..)));
     std::fs::create_dir_all(&dir).expect("dir");
     let path = dir.join(name);
     std::fs::write(&path, text).expect("write");
-    path
+    TempFile { dir, path }
 }
 
 async fn enqueue(env: &TestEnv, args: &[&str], stdin: Option<&str>) -> (Option<i32>, String) {
