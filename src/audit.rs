@@ -284,30 +284,31 @@ fn layers(records: Vec<&FinalRecord>) -> Vec<Vec<&FinalRecord>> {
     layers
 }
 
+/// The attempts of one flush, column by column, borrowed from the records.
 #[derive(Default)]
-struct AttemptColumns {
-    request_id: Vec<String>,
+struct AttemptColumns<'a> {
+    request_id: Vec<&'a str>,
     attempt: Vec<i32>,
     http_status: Vec<Option<i32>>,
     error_kind: Vec<Option<&'static str>>,
-    error_code: Vec<Option<String>>,
-    error_msg: Vec<Option<String>>,
-    body_excerpt: Vec<Option<String>>,
+    error_code: Vec<Option<&'a str>>,
+    error_msg: Vec<Option<&'a str>>,
+    body_excerpt: Vec<Option<&'a str>>,
     started_at: Vec<DateTime<Utc>>,
     latency_ms: Vec<f64>,
 }
 
-impl AttemptColumns {
-    fn push(&mut self, request_id: &str, before: u32, attempts: &[Attempt]) {
+impl<'a> AttemptColumns<'a> {
+    fn push(&mut self, request_id: &'a str, before: u32, attempts: &'a [Attempt]) {
         for (i, a) in attempts.iter().enumerate() {
             let n = u64::from(before) + i as u64 + 1;
-            self.request_id.push(request_id.to_owned());
+            self.request_id.push(request_id);
             self.attempt.push(i32::try_from(n).unwrap_or(i32::MAX));
             self.http_status.push(a.http_status.map(i32::from));
             self.error_kind.push(a.error_kind.map(|k| k.as_str()));
-            self.error_code.push(a.error_code.clone());
-            self.error_msg.push(a.error_msg.clone());
-            self.body_excerpt.push(a.body_excerpt.clone());
+            self.error_code.push(a.error_code.as_deref());
+            self.error_msg.push(a.error_msg.as_deref());
+            self.body_excerpt.push(a.body_excerpt.as_deref());
             self.started_at.push(a.started_at);
             self.latency_ms.push(a.latency.as_secs_f64() * 1000.0);
         }
@@ -326,10 +327,13 @@ impl AttemptColumns {
     }
 
     /// Bind the nine columns, in table order, after whatever `query` has.
-    fn bind_to(
+    fn bind_to<'q>(
         self,
-        query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
-    ) -> sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>
+    where
+        'a: 'q,
+    {
         query
             .bind(self.request_id)
             .bind(self.attempt)
@@ -452,7 +456,7 @@ impl OutcomeColumns<'_> {
     async fn upsert(
         self,
         conn: &mut sqlx::PgConnection,
-        attempts: Option<AttemptColumns>,
+        attempts: Option<AttemptColumns<'_>>,
     ) -> Result<(), sqlx::Error> {
         let sql = match attempts {
             Some(_) => concat!(
