@@ -186,7 +186,8 @@ impl Scenario {
         };
         vec![
             base("a: singles, 0 ms", 40_000, 0, 0, 64),
-            prefetched(256, base("a2: singles, 0 ms", 60_000, 0, 0, 64)),
+            prefetched(128, base("a2: singles, 0 ms", 60_000, 0, 0, 64)),
+            prefetched(256, base("a3: singles, 0 ms", 60_000, 0, 0, 64)),
             base("b: batches, 0 ms", 40_000, 1_000, 0, 64),
             base("c: singles, 50 ms, C=256", 30_000, 0, 50, 256),
             prefetched(512, base("c2: singles, 50 ms, C=256", 30_000, 0, 50, 256)),

@@ -12,7 +12,9 @@ use crate::telemetry::cause_chain;
 use backon::{ExponentialBuilder, Retryable};
 use chrono::{DateTime, Utc};
 use prometheus_client::metrics::histogram::Histogram;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::Connection;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, Postgres};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
@@ -22,6 +24,10 @@ use tokio_util::sync::CancellationToken;
 
 /// The most records one flush commits.
 const MAX_FLUSH: usize = 1000;
+/// A lane's call that has had no answer for this long is given up and its
+/// connection closed (a connection whose peer vanished without a word
+/// would otherwise hang it for good); the call is then tried again.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -29,6 +35,8 @@ pub enum AuditError {
     Query(#[from] sqlx::Error),
     #[error("audit migrations failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("audit database call got no answer within {0:?}")]
+    Timeout(Duration),
 }
 
 /// A request's final outcome with every attempt that led to it.
@@ -183,15 +191,28 @@ impl Audit {
 
     /// The ids among `ids` that already have a final outcome other than
     /// `rejected` (a rejection never blocks a later valid request).
-    pub async fn already_final(&self, ids: &[String]) -> Result<HashSet<String>, AuditError> {
+    async fn already_final(
+        conn: &mut PgConnection,
+        ids: &[String],
+    ) -> Result<HashSet<String>, AuditError> {
         let rows: Vec<(String,)> = sqlx::query_as(
             "SELECT request_id FROM termination_outcomes \
              WHERE request_id = ANY($1) AND outcome <> 'rejected'",
         )
         .bind(ids)
-        .fetch_all(&self.pool)
+        .fetch_all(conn)
         .await?;
         Ok(rows.into_iter().map(|(id,)| id).collect())
+    }
+
+    /// A connection for the lookup lane to keep.
+    fn kept_for_lookups(&self) -> Kept {
+        Kept::new(self.pool.clone())
+    }
+
+    /// A connection for a writer lane to keep.
+    fn kept_for_writes(&self) -> Kept {
+        Kept::new(self.writes.clone())
     }
 
     /// How many attempts each of `ids` already has on record.
@@ -213,7 +234,7 @@ impl Audit {
     }
 
     /// Commit `records` in one transaction.
-    pub async fn write(&self, records: &[&Record]) -> Result<(), AuditError> {
+    async fn write(conn: &mut PgConnection, records: &[&Record]) -> Result<(), AuditError> {
         let mut attempts = AttemptColumns::default();
         let mut finals = Vec::new();
         let mut skipped = Vec::new();
@@ -238,13 +259,12 @@ impl Audit {
             // The common flush: attempts and outcomes in one statement, which
             // is atomic on its own: one round trip instead of four.
             let layer = layers.pop().unwrap_or_default();
-            let mut conn = self.writes.acquire().await?;
             OutcomeColumns::from(layer.as_slice())
-                .upsert(&mut conn, Some(attempts))
+                .upsert(conn, Some(attempts))
                 .await?;
             return Ok(());
         }
-        let mut tx = self.writes.begin().await?;
+        let mut tx = conn.begin().await?;
         if !attempts.request_id.is_empty() {
             attempts.insert(&mut tx).await?;
         }
@@ -266,6 +286,47 @@ impl Audit {
         }
         tx.commit().await?;
         Ok(())
+    }
+}
+
+/// The connection a lane keeps from one call to the next. A connection
+/// taken from a sqlx pool is pinged when it is taken and again when it is
+/// given back: two more round trips to the database for every flush, each
+/// a wake-up of both processes. A lane keeps its connection instead, and
+/// closes it after any error (it may be broken, or inside a failed
+/// transaction); the next call takes a fresh one from the pool.
+struct Kept {
+    pool: PgPool,
+    conn: tokio::sync::Mutex<Option<PoolConnection<Postgres>>>,
+}
+
+impl Kept {
+    fn new(pool: PgPool) -> Self {
+        Self {
+            pool,
+            conn: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn call<T>(
+        &self,
+        f: impl AsyncFnOnce(&mut PgConnection) -> Result<T, AuditError>,
+    ) -> Result<T, AuditError> {
+        let mut slot = self.conn.lock().await;
+        let conn = match slot.take() {
+            Some(conn) => slot.insert(conn),
+            None => slot.insert(self.pool.acquire().await?),
+        };
+        let result = match tokio::time::timeout(CALL_TIMEOUT, f(conn)).await {
+            Ok(result) => result,
+            Err(_) => Err(AuditError::Timeout(CALL_TIMEOUT)),
+        };
+        if result.is_err()
+            && let Some(mut broken) = slot.take()
+        {
+            broken.close_on_drop();
+        }
+        result
     }
 }
 
@@ -537,6 +598,7 @@ impl FinalLookups {
 const MAX_LOOKUP_IDS: usize = 20_000;
 
 async fn lookup_loop(audit: Audit, queue: SharedQueue<LookupJob>, abort: CancellationToken) {
+    let kept = audit.kept_for_lookups();
     let mut jobs = Vec::new();
     while take(&queue, &mut jobs, 512).await > 0 {
         // Answer in chunks of whole jobs that fit one query.
@@ -551,7 +613,9 @@ async fn lookup_loop(audit: Audit, queue: SharedQueue<LookupJob>, abort: Cancell
             let chunk: Vec<LookupJob> = jobs.drain(..take).collect();
             let ids: Vec<String> = chunk.iter().flat_map(|j| j.ids.iter().cloned()).collect();
             let Some(found) = audit
-                .until_done("final-outcome lookup", &abort, || audit.already_final(&ids))
+                .until_done("final-outcome lookup", &abort, || {
+                    kept.call(async |conn| Audit::already_final(conn, &ids).await)
+                })
                 .await
             else {
                 // Shutdown: dropping the replies tells every caller.
@@ -686,12 +750,15 @@ async fn write_loop(
     abort: CancellationToken,
     flushes: FlushMetrics,
 ) {
+    let kept = audit.kept_for_writes();
     let mut jobs = Vec::with_capacity(MAX_FLUSH);
     while take(&queue, &mut jobs, MAX_FLUSH).await > 0 {
         let started = std::time::Instant::now();
         let records: Vec<&Record> = jobs.iter().map(|j| &j.record).collect();
         let committed = audit
-            .until_done("audit write", &abort, || audit.write(&records))
+            .until_done("audit write", &abort, || {
+                kept.call(async |conn| Audit::write(conn, &records).await)
+            })
             .await
             .is_some();
         flushes.seconds.observe(started.elapsed().as_secs_f64());
