@@ -225,30 +225,36 @@ impl ParsedMessage {
 }
 
 /// Derives request ids for elements that carry none: the message-id plus the
-/// element's index, or else a hash of the body plus the index.
-struct IdSeed(String);
+/// element's index, or else a hash of the body plus the index. The prefix is
+/// made on first use: most messages carry their request ids, and hashing
+/// every body for nothing was a measurable share of parsing.
+struct IdSeed<'a> {
+    body: &'a [u8],
+    message_id: Option<&'a str>,
+    prefix: std::cell::OnceCell<String>,
+}
 
-impl IdSeed {
-    fn new(body: &[u8], message_id: Option<&str>) -> Self {
-        match message_id.filter(|m| !m.is_empty()) {
-            Some(m) => Self(format!("msg:{}", truncate(m, 200))),
-            None => {
-                let digest = Sha256::digest(body);
-                let mut hex = String::with_capacity(40);
-                for b in &digest[..16] {
-                    hex.push_str(&format!("{b:02x}"));
-                }
-                Self(format!("sha256:{hex}"))
-            }
+impl<'a> IdSeed<'a> {
+    fn new(body: &'a [u8], message_id: Option<&'a str>) -> Self {
+        Self {
+            body,
+            message_id,
+            prefix: std::cell::OnceCell::new(),
         }
     }
 
     fn derive(&self, index: usize) -> String {
-        format!("{}:{index}", self.0)
+        let prefix = self
+            .prefix
+            .get_or_init(|| match self.message_id.filter(|m| !m.is_empty()) {
+                Some(m) => format!("msg:{}", truncate(m, 200)),
+                None => format!("sha256:{}", hex::encode(&Sha256::digest(self.body)[..16])),
+            });
+        format!("{prefix}:{index}")
     }
 }
 
-fn parse_element(value: Value, index: usize, seed: &IdSeed) -> Item {
+fn parse_element(value: Value, index: usize, seed: &IdSeed<'_>) -> Item {
     let Value::Object(obj) = value else {
         return Item::Invalid(Rejection::anonymous(
             seed.derive(index),
