@@ -381,6 +381,9 @@ struct Report {
     p50_ms: f64,
     p99_ms: f64,
     max_ms: f64,
+    /// Publish → audit commit; mostly the wait in the pre-filled queue.
+    published_p50_s: f64,
+    published_p99_s: f64,
     rss_max_kib: u64,
     rss_by_tenth: [u64; 10],
     hwm_kib: Option<u64>,
@@ -584,7 +587,10 @@ async fn run_in(bench: &Bench, scenario: &Scenario, names: &Names) -> Result<Run
     };
 
     // 3. Pre-fill the request queue.
-    let publish = publish_all(bench, &connection, &names.queue, &bodies)
+    let Published {
+        took: publish,
+        at_epoch: published_at,
+    } = publish_all(bench, &connection, &names.queue, &bodies)
         .await
         .context("pre-fill the request queue")?;
     let ready = queue_depth(
@@ -651,9 +657,7 @@ async fn run_in(bench: &Bench, scenario: &Scenario, names: &Names) -> Result<Run
     );
     let start = CpuSnapshot::take(sandbox_pid, None)?;
     let t0 = Instant::now();
-    let t0_epoch = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64());
+    let t0_epoch = epoch_now();
     let mut daemon = spawn(&bench.binary, &["run".to_owned()], &daemon_env, &daemon_log)?;
     let daemon_pid = daemon.id().context("the daemon has no pid")?;
 
@@ -762,7 +766,7 @@ async fn run_in(bench: &Bench, scenario: &Scenario, names: &Names) -> Result<Run
     }
 
     // 7. Correctness.
-    let audit = audit_numbers(&mut db).await;
+    let audit = audit_numbers(&mut db, &published_at, scenario.batch.max(1)).await;
     let _ = db.close().await;
     match &audit {
         Ok(a) => {
@@ -864,6 +868,8 @@ async fn run_in(bench: &Bench, scenario: &Scenario, names: &Names) -> Result<Run
         p50_ms: audit.p50_ms.unwrap_or(f64::NAN),
         p99_ms: audit.p99_ms.unwrap_or(f64::NAN),
         max_ms: audit.max_ms.unwrap_or(f64::NAN),
+        published_p50_s: audit.published_p50_s.unwrap_or(f64::NAN),
+        published_p99_s: audit.published_p99_s.unwrap_or(f64::NAN),
         rss_max_kib,
         rss_by_tenth,
         hwm_kib,
@@ -928,6 +934,20 @@ fn message_bodies(scenario: &Scenario) -> Vec<Vec<u8>> {
     }
 }
 
+/// Now, in Unix seconds (the clock Postgres' timestamps use).
+fn epoch_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// The pre-fill: how long it took, and when each message was published
+/// (Unix seconds, in body order).
+struct Published {
+    took: Duration,
+    at_epoch: Vec<f64>,
+}
+
 /// Publish every body (persistent, mandatory) with publisher confirms, up to
 /// `CONFIRM_WINDOW` unconfirmed at a time.
 async fn publish_all(
@@ -935,7 +955,7 @@ async fn publish_all(
     connection: &Connection,
     queue: &str,
     bodies: &[Vec<u8>],
-) -> Result<Duration> {
+) -> Result<Published> {
     let channel = connection
         .create_channel()
         .await
@@ -947,7 +967,9 @@ async fn publish_all(
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + bench.timeout;
     let mut pending: VecDeque<PublisherConfirm> = VecDeque::with_capacity(CONFIRM_WINDOW);
+    let mut at_epoch = Vec::with_capacity(bodies.len());
     for body in bodies {
+        at_epoch.push(epoch_now());
         let confirm = channel
             .basic_publish(
                 "".into(),
@@ -971,9 +993,9 @@ async fn publish_all(
     while let Some(oldest) = pending.pop_front() {
         confirmed(oldest, deadline).await?;
     }
-    let elapsed = started.elapsed();
+    let took = started.elapsed();
     let _ = channel.close(200, "done".into()).await;
-    Ok(elapsed)
+    Ok(Published { took, at_epoch })
 }
 
 async fn confirmed(confirm: PublisherConfirm, deadline: tokio::time::Instant) -> Result<()> {
@@ -1108,6 +1130,8 @@ struct AuditNumbers {
     p50_ms: Option<f64>,
     p99_ms: Option<f64>,
     max_ms: Option<f64>,
+    published_p50_s: Option<f64>,
+    published_p99_s: Option<f64>,
 }
 
 /// Outcomes committed so far, cheaply: the newest attempt id is one index
@@ -1130,7 +1154,13 @@ async fn progress(db: &mut PgConnection, target: i64, exact: bool) -> Result<i64
         .await
 }
 
-async fn audit_numbers(db: &mut PgConnection) -> Result<AuditNumbers> {
+/// `published_at[m]` is when message m was published; request `r-{i}` was
+/// in message i / `batch`.
+async fn audit_numbers(
+    db: &mut PgConnection,
+    published_at: &[f64],
+    batch: u64,
+) -> Result<AuditNumbers> {
     type Row = (
         i64,
         i64,
@@ -1159,6 +1189,25 @@ async fn audit_numbers(db: &mut PgConnection) -> Result<AuditNumbers> {
         .fetch_one(&mut *db)
         .await
         .context("query termination_attempts")?;
+    let published: (Option<f64>, Option<f64>, i64) = sqlx::query_as(
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY s), \
+                percentile_cont(0.99) WITHIN GROUP (ORDER BY s), \
+                count(*) FILTER (WHERE s IS NULL) \
+         FROM (SELECT EXTRACT(EPOCH FROM recorded_at)::float8 \
+                      - ($1::float8[])[substr(request_id, 3)::bigint / $2 + 1] AS s \
+               FROM termination_outcomes WHERE request_id LIKE 'r-%') t",
+    )
+    .bind(published_at)
+    .bind(i64::try_from(batch).context("batch size")?)
+    .fetch_one(&mut *db)
+    .await
+    .context("query publish → commit times")?;
+    if published.2 > 0 {
+        bail!(
+            "{} outcomes could not be matched to their message's publish time",
+            published.2
+        );
+    }
     Ok(AuditNumbers {
         outcomes: row.0,
         succeeded: row.1,
@@ -1168,6 +1217,8 @@ async fn audit_numbers(db: &mut PgConnection) -> Result<AuditNumbers> {
         p50_ms: row.4,
         p99_ms: row.5,
         max_ms: row.6,
+        published_p50_s: published.0,
+        published_p99_s: published.1,
     })
 }
 
@@ -1469,6 +1520,11 @@ fn print_report(bench: &Bench, scenario: &Scenario, r: &Report) {
         r.p50_ms, r.p99_ms, r.max_ms
     );
     println!(
+        "  published→committed (publish to audit commit; the queue was pre-filled, so this is mostly \
+         the wait in the queue and the daemon's start-up, and grows with N): p50 {:.2} s, p99 {:.2} s",
+        r.published_p50_s, r.published_p99_s
+    );
+    println!(
         "  daemon peak RSS:             {:.1} MiB (VmHWM{}; max sampled VmRSS {:.1} MiB)",
         r.peak_rss_mib(),
         if r.hwm_kib.is_some() {
@@ -1572,9 +1628,10 @@ fn littles_law(scenario: &Scenario) -> Option<f64> {
 
 fn table_header() -> String {
     "| scenario | requests | batch | latency | concurrency | terminations/s | ceiling msgs/s | % of ceiling \
-     | % of Little's law | p50 / p99 delivered→committed ms | peak RSS MiB | daemon CPU s \
+     | % of Little's law | p50 / p99 delivered→committed ms | p50 / p99 published→committed s \
+     | peak RSS MiB | daemon CPU s \
      | CPU split daemon/sandbox/rabbitmq/postgres % |\n\
-     |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+     |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
         .to_owned()
 }
 
@@ -1604,7 +1661,7 @@ fn markdown_row(scenario: &Scenario, outcome: &RunOutcome, cores: usize) -> Stri
     let r = match outcome {
         RunOutcome::Correct(r) => r,
         RunOutcome::Incorrect(_) => {
-            return format!("{fixed}| NOT CORRECT | | | | | | | |");
+            return format!("{fixed}| NOT CORRECT | | | | | | | | |");
         }
     };
     let rate = r.rate();
@@ -1627,10 +1684,12 @@ fn markdown_row(scenario: &Scenario, outcome: &RunOutcome, cores: usize) -> Stri
         littles_law(scenario).map_or_else(|| "—".to_owned(), |b| format!("{:.1} %", pct(rate, b)));
     let core_s = r.wall.as_secs_f64() * cores as f64;
     format!(
-        "{fixed}| {} | {ceiling} | {of_ceiling} | {little} | {:.1} / {:.1} | {:.1} | {:.2} | {:.0}/{:.0}/{:.0}/{:.0} |",
+        "{fixed}| {} | {ceiling} | {of_ceiling} | {little} | {:.1} / {:.1} | {:.2} / {:.2} | {:.1} | {:.2} | {:.0}/{:.0}/{:.0}/{:.0} |",
         thousands_f(rate),
         r.p50_ms,
         r.p99_ms,
+        r.published_p50_s,
+        r.published_p99_s,
         r.peak_rss_mib(),
         r.cpu.daemon,
         pct(r.cpu.daemon, core_s),
