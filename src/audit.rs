@@ -576,9 +576,14 @@ impl std::fmt::Debug for LookupJob {
 }
 
 impl FinalLookups {
-    pub fn spawn(audit: Audit, abort: CancellationToken) -> (Self, tokio::task::JoinHandle<()>) {
+    /// `seconds` observes each lookup query.
+    pub fn spawn(
+        audit: Audit,
+        abort: CancellationToken,
+        seconds: Histogram,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
         let (lanes, handle) = Lanes::spawn(LOOKUP_LANES, 4096, |rx| {
-            lookup_loop(audit.clone(), rx, abort.clone())
+            lookup_loop(audit.clone(), rx, abort.clone(), seconds.clone())
         });
         (Self { lanes }, handle)
     }
@@ -597,7 +602,12 @@ impl FinalLookups {
 /// Ids per lookup query at most (one message can bring 10,000).
 const MAX_LOOKUP_IDS: usize = 20_000;
 
-async fn lookup_loop(audit: Audit, queue: SharedQueue<LookupJob>, abort: CancellationToken) {
+async fn lookup_loop(
+    audit: Audit,
+    queue: SharedQueue<LookupJob>,
+    abort: CancellationToken,
+    seconds: Histogram,
+) {
     let kept = audit.kept_for_lookups();
     let mut jobs = Vec::new();
     while take(&queue, &mut jobs, 512).await > 0 {
@@ -612,6 +622,7 @@ async fn lookup_loop(audit: Audit, queue: SharedQueue<LookupJob>, abort: Cancell
             }
             let chunk: Vec<LookupJob> = jobs.drain(..take).collect();
             let ids: Vec<String> = chunk.iter().flat_map(|j| j.ids.iter().cloned()).collect();
+            let started = std::time::Instant::now();
             let Some(found) = audit
                 .until_done("final-outcome lookup", &abort, || {
                     kept.call(async |conn| Audit::already_final(conn, &ids).await)
@@ -622,6 +633,7 @@ async fn lookup_loop(audit: Audit, queue: SharedQueue<LookupJob>, abort: Cancell
                 jobs.clear();
                 break;
             };
+            seconds.observe(started.elapsed().as_secs_f64());
             for job in chunk {
                 let mine = job
                     .ids

@@ -85,7 +85,8 @@ async fn serve(
             records: metrics.audit_write_records.clone(),
         },
     );
-    let (lookups, lookup_task) = FinalLookups::spawn(audit.clone(), abort.clone());
+    let (lookups, lookup_task) =
+        FinalLookups::spawn(audit.clone(), abort.clone(), metrics.lookup_latency.clone());
     let (publish_channel, dead_letters) = DeadLetters::new(cfg.amqp.clone());
     let pipeline = Arc::new(Pipeline {
         dispatcher: Dispatcher::new(

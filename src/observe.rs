@@ -37,6 +37,7 @@ pub struct Metrics {
     pub api_latency: Histogram,
     pub audit_write_latency: Histogram,
     pub audit_write_records: Histogram,
+    pub lookup_latency: Histogram,
     pub queue_depth: Gauge,
     pub reconnects: Counter,
     pub skipped_redeliveries: Counter,
@@ -60,6 +61,7 @@ impl Metrics {
             api_latency: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             audit_write_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             audit_write_records: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
+            lookup_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             queue_depth: Gauge::default(),
             reconnects: Counter::default(),
             skipped_redeliveries: Counter::default(),
@@ -83,6 +85,11 @@ impl Metrics {
             "audit_write_records",
             "Records committed by one audit flush",
             m.audit_write_records.clone(),
+        );
+        registry.register(
+            "dedupe_lookup_seconds",
+            "Duration of one dedupe lookup query (the ids of every message that arrived meanwhile)",
+            m.lookup_latency.clone(),
         );
         registry.register(
             "queue_depth",

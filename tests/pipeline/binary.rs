@@ -152,6 +152,7 @@ async fn metrics_and_health_are_served_during_a_run() {
     );
     assert_eq!(metric(&text, "aom_terminator_in_flight"), Some(0.0));
     assert!(metric(&text, "aom_terminator_audit_write_seconds_count").unwrap_or(0.0) >= 1.0);
+    assert!(metric(&text, "aom_terminator_dedupe_lookup_seconds_count").unwrap_or(0.0) >= 1.0);
     daemon.stop().await;
 
     // A taken address is a start-up error.
