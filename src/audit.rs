@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 /// The most records one flush commits.
 const MAX_FLUSH: usize = 1000;
-/// A lane's call that has had no answer for this long is given up and its
+/// A kept connection's call that has had no answer for this long is given up and its
 /// connection closed (a connection whose peer vanished without a word
 /// would otherwise hang it for good); the call is then tried again.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -84,8 +84,8 @@ pub enum Record {
 pub struct Audit {
     /// Lookups and everything else.
     pool: PgPool,
-    /// Audit flushes only: one connection per writer lane, so each flush
-    /// runs on a backend that has its statements prepared and planned.
+    /// Audit flushes only: the writer's one connection, so each flush runs
+    /// on a backend that has its statement prepared and planned.
     writes: PgPool,
     /// False from a failed database call until the next one succeeds: the
     /// daemon takes no new messages meanwhile, and is not ready.
@@ -113,7 +113,7 @@ impl Audit {
                 .clone()
                 .options([("plan_cache_mode", "force_custom_plan")]),
         );
-        let writes = lazy(WRITE_LANES as u32, options);
+        let writes = lazy(1, options);
         Self {
             pool,
             writes,
@@ -205,12 +205,12 @@ impl Audit {
         Ok(rows.into_iter().map(|(id,)| id).collect())
     }
 
-    /// A connection for the lookup lane to keep.
+    /// A connection for the lookup task to keep.
     fn kept_for_lookups(&self) -> Kept {
         Kept::new(self.pool.clone())
     }
 
-    /// A connection for a writer lane to keep.
+    /// A connection for the writer to keep.
     fn kept_for_writes(&self) -> Kept {
         Kept::new(self.writes.clone())
     }
@@ -289,10 +289,11 @@ impl Audit {
     }
 }
 
-/// The connection a lane keeps from one call to the next. A connection
+/// The connection the writer (or the lookup task) keeps from one call to
+/// the next. A connection
 /// taken from a sqlx pool is pinged when it is taken and again when it is
 /// given back: two more round trips to the database for every flush, each
-/// a wake-up of both processes. A lane keeps its connection instead, and
+/// a wake-up of both processes. The task keeps its connection instead, and
 /// closes it after any error (it may be broken, or inside a failed
 /// transaction); the next call takes a fresh one from the pool.
 struct Kept {
@@ -563,10 +564,11 @@ struct LookupJob {
 
 /// Answers "which of these already have a final outcome?" for many
 /// messages with one query: lookups that arrive while one runs are
-/// answered together by the next.
+/// answered together by the next. One task, for the writer's reason (two
+/// were slower).
 #[derive(Clone, Debug)]
 pub struct FinalLookups {
-    lanes: Lanes<LookupJob>,
+    queue: mpsc::Sender<LookupJob>,
 }
 
 impl std::fmt::Debug for LookupJob {
@@ -582,17 +584,16 @@ impl FinalLookups {
         abort: CancellationToken,
         seconds: Histogram,
     ) -> (Self, tokio::task::JoinHandle<()>) {
-        let (lanes, handle) = Lanes::spawn(LOOKUP_LANES, 4096, |rx| {
-            lookup_loop(audit.clone(), rx, abort.clone(), seconds.clone())
-        });
-        (Self { lanes }, handle)
+        let (queue, jobs) = mpsc::channel(4096);
+        let task = tokio::spawn(lookup_loop(audit, jobs, abort, seconds));
+        (Self { queue }, task)
     }
 
     /// The ids among `ids` with a final outcome other than `rejected`;
     /// `None` if the lookup gave up (shutdown grace ran out).
     pub async fn already_final(&self, ids: Vec<String>) -> Option<HashSet<String>> {
         let (reply, answer) = oneshot::channel();
-        if !self.lanes.send(LookupJob { ids, reply }).await {
+        if self.queue.send(LookupJob { ids, reply }).await.is_err() {
             return None;
         }
         answer.await.ok()
@@ -604,13 +605,13 @@ const MAX_LOOKUP_IDS: usize = 20_000;
 
 async fn lookup_loop(
     audit: Audit,
-    queue: SharedQueue<LookupJob>,
+    mut queue: mpsc::Receiver<LookupJob>,
     abort: CancellationToken,
     seconds: Histogram,
 ) {
     let kept = audit.kept_for_lookups();
     let mut jobs = Vec::new();
-    while take(&queue, &mut jobs, 512).await > 0 {
+    while queue.recv_many(&mut jobs, 512).await > 0 {
         // Answer in chunks of whole jobs that fit one query.
         while !jobs.is_empty() {
             let mut take = 0;
@@ -651,70 +652,14 @@ struct Job {
     done: oneshot::Sender<bool>,
 }
 
-/// Hands records to the writer task. Cheap to clone.
+/// Hands records to the writer task. Cheap to clone. There is one writer:
+/// Postgres' cost is mostly per flush (commit, WAL flush, protocol), and a
+/// second writer halves the rows per flush (measured slower, BENCHMARKS.md);
+/// one writer also completes messages in arrival order, so their acks
+/// coalesce.
 #[derive(Clone, Debug)]
 pub struct AuditWriter {
-    lanes: Lanes<Job>,
-}
-
-/// Tasks working the same kind of job (one each for now, see
-/// [`WRITE_LANES`]), all taking from one queue: whichever is free takes
-/// everything that has queued up, in arrival order, so the messages a
-/// flush completes are mostly consecutive (their acks coalesce).
-#[derive(Debug)]
-struct Lanes<J> {
-    sender: mpsc::Sender<J>,
-}
-
-impl<J> Clone for Lanes<J> {
-    fn clone(&self) -> Self {
-        Self {
-            sender: self.sender.clone(),
-        }
-    }
-}
-
-/// The queue the lanes share; a lane holds the lock only while it waits
-/// for jobs, never while it works on them.
-type SharedQueue<J> = Arc<tokio::sync::Mutex<mpsc::Receiver<J>>>;
-
-/// Take what has queued up (at least one job, at most `max`); 0 once the
-/// queue is closed and empty.
-async fn take<J>(queue: &SharedQueue<J>, into: &mut Vec<J>, max: usize) -> usize {
-    queue.lock().await.recv_many(into, max).await
-}
-
-/// Writer lanes: one. A second writer halves the rows per flush, and
-/// Postgres' cost is mostly per flush (planning, commit, WAL flush); with
-/// one, a flush takes everything that queued during the last one.
-const WRITE_LANES: usize = 1;
-/// Lookup lanes: one, for the same reason (measured: two were slower).
-const LOOKUP_LANES: usize = 1;
-
-impl<J: Send + 'static> Lanes<J> {
-    fn spawn<F, Fut>(lanes: usize, capacity: usize, work: F) -> (Self, tokio::task::JoinHandle<()>)
-    where
-        F: Fn(SharedQueue<J>) -> Fut,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        let (sender, receiver) = mpsc::channel(capacity);
-        let queue = Arc::new(tokio::sync::Mutex::new(receiver));
-        let tasks: Vec<_> = (0..lanes)
-            .map(|_| tokio::spawn(work(Arc::clone(&queue))))
-            .collect();
-        let all = tokio::spawn(async move {
-            for task in tasks {
-                if let Err(e) = task.await {
-                    tracing::error!(error = %e, "an audit task ended abnormally");
-                }
-            }
-        });
-        (Self { sender }, all)
-    }
-
-    async fn send(&self, job: J) -> bool {
-        self.sender.send(job).await.is_ok()
-    }
+    queue: mpsc::Sender<Job>,
 }
 
 impl std::fmt::Debug for Job {
@@ -732,17 +677,16 @@ impl AuditWriter {
         abort: CancellationToken,
         flushes: FlushMetrics,
     ) -> (Self, tokio::task::JoinHandle<()>) {
-        let (lanes, handle) = Lanes::spawn(WRITE_LANES, 4 * MAX_FLUSH, |rx| {
-            write_loop(audit.clone(), rx, abort.clone(), flushes.clone())
-        });
-        (Self { lanes }, handle)
+        let (queue, jobs) = mpsc::channel(4 * MAX_FLUSH);
+        let task = tokio::spawn(write_loop(audit, jobs, abort, flushes));
+        (Self { queue }, task)
     }
 
     /// Commit one record; `true` once it is committed, `false` if the writer
     /// gave up (shutdown grace ran out while the database was away).
     pub async fn commit(&self, record: Record) -> bool {
         let (done, committed) = oneshot::channel();
-        if !self.lanes.send(Job { record, done }).await {
+        if self.queue.send(Job { record, done }).await.is_err() {
             return false;
         }
         committed.await.unwrap_or(false)
@@ -758,13 +702,13 @@ pub struct FlushMetrics {
 
 async fn write_loop(
     audit: Audit,
-    queue: SharedQueue<Job>,
+    mut queue: mpsc::Receiver<Job>,
     abort: CancellationToken,
     flushes: FlushMetrics,
 ) {
     let kept = audit.kept_for_writes();
     let mut jobs = Vec::with_capacity(MAX_FLUSH);
-    while take(&queue, &mut jobs, MAX_FLUSH).await > 0 {
+    while queue.recv_many(&mut jobs, MAX_FLUSH).await > 0 {
         let started = std::time::Instant::now();
         let records: Vec<&Record> = jobs.iter().map(|j| &j.record).collect();
         let committed = audit

@@ -405,8 +405,11 @@ struct AckWindow<A> {
     next: DeliveryTag,
     /// Settled, not acked yet, with when they settled.
     settled: std::collections::BTreeMap<DeliveryTag, (A, tokio::time::Instant)>,
-    /// Above `next`, acked on their own already.
-    acked_alone: std::collections::BTreeSet<DeliveryTag>,
+    /// Above `next`, acked on their own already, as ranges `first → last`.
+    /// While one message is stuck at `next` (a long batch), every later one
+    /// is acked alone: ranges keep that to a few entries, where a set of
+    /// tags would grow with every message until the stuck one settles.
+    acked_alone: std::collections::BTreeMap<DeliveryTag, DeliveryTag>,
 }
 
 impl<A> Default for AckWindow<A> {
@@ -439,10 +442,12 @@ impl<A> AckWindow<A> {
         loop {
             if let Some((acker, _)) = self.settled.remove(&self.next) {
                 run = Some(acker);
-            } else if !self.acked_alone.remove(&self.next) {
+                self.next += 1;
+            } else if let Some(last) = self.acked_alone.remove(&self.next) {
+                self.next = last + 1;
+            } else {
                 break;
             }
-            self.next += 1;
         }
         if let Some(acker) = run {
             due.push((acker, true));
@@ -456,12 +461,24 @@ impl<A> AckWindow<A> {
                 .collect();
             for tag in late {
                 if let Some((acker, _)) = self.settled.remove(&tag) {
-                    self.acked_alone.insert(tag);
+                    self.mark_acked_alone(tag);
                     due.push((acker, false));
                 }
             }
         }
         due
+    }
+
+    /// Record `tag` as acked alone, merged with the ranges on either side.
+    fn mark_acked_alone(&mut self, tag: DeliveryTag) {
+        let mut first = tag;
+        if let Some((&start, &last)) = self.acked_alone.range(..tag).next_back()
+            && last + 1 == tag
+        {
+            first = start;
+        }
+        let last = self.acked_alone.remove(&(tag + 1)).unwrap_or(tag);
+        self.acked_alone.insert(first, last);
     }
 }
 
@@ -497,6 +514,29 @@ mod tests {
         w.settle(2, 2, now + ACK_HOLD);
         assert_eq!(w.due(Some(now)), vec![(4, true)]);
         assert!(w.settled.is_empty() && w.acked_alone.is_empty());
+    }
+
+    #[test]
+    fn a_stuck_message_keeps_the_acked_alone_record_small() {
+        let now = Instant::now();
+        let mut w = AckWindow::default();
+        // Tag 1 never settles; 2..=10_000 settle in rounds, out of order
+        // within each, and are acked alone.
+        for round in (2..=10_000u64).collect::<Vec<_>>().chunks(50) {
+            for &tag in round.iter().rev() {
+                w.settle(tag, tag, now);
+            }
+            let due = w.due(Some(now));
+            assert_eq!(due.len(), round.len());
+            assert!(due.iter().all(|(_, multiple)| !multiple));
+        }
+        assert_eq!(w.acked_alone.len(), 1, "{:?}", w.acked_alone);
+        // Tag 1 settles at last: the run skips all the ones acked alone.
+        w.settle(1, 1, now);
+        assert_eq!(w.due(None), vec![(1, true)]);
+        assert!(w.settled.is_empty() && w.acked_alone.is_empty());
+        w.settle(10_001, 10_001, now);
+        assert_eq!(w.due(None), vec![(10_001, true)]);
     }
 
     proptest! {

@@ -164,12 +164,11 @@ impl Pipeline {
                 before.get(&req.request_id).copied().unwrap_or(0),
             )
         };
-        if let ([req], [_]) = (requests.as_slice(), claims.as_slice()) {
+        if let [req] = requests.as_slice()
+            && let Some(claim) = claims.pop()
+        {
             // One request (most messages): no need for the machinery below.
             let (already_final, attempts_before) = prepared(req);
-            let Some(claim) = claims.pop() else {
-                return false;
-            };
             return self
                 .one(cx, req, claim, already_final, attempts_before)
                 .await;
