@@ -24,6 +24,7 @@
 use anyhow::{Context, Result, anyhow, bail};
 use aom_terminator::broker::{declare_topology, request_queue_arguments};
 use aom_terminator::config::{Cli, Command as CliCommand, DaemonConfig, one_line};
+use aom_terminator::sandbox::TIMER_LAG;
 use clap::{CommandFactory, Parser, ValueEnum};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -39,6 +40,7 @@ use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::process::Child;
 
@@ -372,6 +374,8 @@ struct Report {
     prefetch: u16,
     publish: Duration,
     ceiling: Option<Ceiling>,
+    /// The bare consumer again, holding each message for the API latency.
+    held: Option<Ceiling>,
     /// Daemon spawn → all N outcomes seen committed.
     wall: Duration,
     /// Daemon spawn → first request received (start-up, migrations, connect).
@@ -389,6 +393,8 @@ struct Report {
     hwm_kib: Option<u64>,
     cpu: CpuSplit,
     max_in_flight: Option<u64>,
+    /// The sandbox's mean answer time (arrival → answer), ms.
+    sandbox_answer_ms: Option<f64>,
     log_lines: usize,
 }
 
@@ -560,6 +566,7 @@ async fn run_in(bench: &Bench, scenario: &Scenario, names: &Names) -> Result<Run
             &names.ceiling_queue,
             &bodies,
             scenario.requests,
+            Duration::ZERO,
         )
         .await
         .context("ceiling measurement")?;
@@ -581,6 +588,34 @@ async fn run_in(bench: &Bench, scenario: &Scenario, names: &Names) -> Result<Run
                 c.messages
             );
         }
+        Some(c)
+    } else {
+        None
+    };
+    // 2b. With an API latency: the same bare consumer, holding each message
+    // for the latency in one of CONCURRENCY slots before it acks. Little's
+    // law with the broker's own cycle in it: what any consumer with this
+    // prefetch and concurrency can reach.
+    let held = if scenario.ceiling && scenario.latency_ms > 0 && scenario.batch == 0 {
+        let hold = Duration::from_millis(scenario.latency_ms);
+        let c = measure_ceiling(
+            bench,
+            &connection,
+            &cfg,
+            &names.ceiling_queue,
+            &bodies,
+            scenario.requests,
+            hold,
+        )
+        .await
+        .context("held ceiling measurement")?;
+        println!(
+            "held ceiling: a bare consumer that holds each message {} ms in one of {} slots, then acks it (prefetch {}): {} msgs/s",
+            scenario.latency_ms,
+            cfg.concurrency,
+            cfg.prefetch,
+            thousands_f(c.msgs_per_s()),
+        );
         Some(c)
     } else {
         None
@@ -792,9 +827,16 @@ async fn run_in(bench: &Bench, scenario: &Scenario, names: &Names) -> Result<Run
         Err(e) => failures.push(format!("reading the audit: {e:#}")),
     }
     let mut max_in_flight = None;
+    let mut sandbox_answer_ms = None;
     match &stats {
         Ok(s) => {
             max_in_flight = s.get("max_in_flight").and_then(serde_json::Value::as_u64);
+            let field = |name: &str| s.get(name).and_then(serde_json::Value::as_u64);
+            if let (Some(n), Some(us)) = (field("answered"), field("answer_micros"))
+                && n > 0
+            {
+                sandbox_answer_ms = Some(us as f64 / n as f64 / 1000.0);
+            }
             match s.get("calls").and_then(serde_json::Value::as_u64) {
                 Some(calls) if calls == scenario.requests => {}
                 Some(calls) => failures.push(format!(
@@ -862,6 +904,7 @@ async fn run_in(bench: &Bench, scenario: &Scenario, names: &Names) -> Result<Run
         prefetch: cfg.prefetch,
         publish,
         ceiling,
+        held,
         wall,
         startup_s: audit.first_received_epoch.map(|e| e - t0_epoch),
         drain_s,
@@ -875,6 +918,7 @@ async fn run_in(bench: &Bench, scenario: &Scenario, names: &Names) -> Result<Run
         hwm_kib,
         cpu,
         max_in_flight,
+        sandbox_answer_ms,
         log_lines,
     })))
 }
@@ -1044,6 +1088,7 @@ async fn measure_ceiling(
     queue: &str,
     bodies: &[Vec<u8>],
     requests: u64,
+    hold: Duration,
 ) -> Result<Ceiling> {
     let channel = connection
         .create_channel()
@@ -1085,6 +1130,7 @@ async fn measure_ceiling(
     // awaiting each before taking the next delivery would measure that round
     // trip instead of the broker.
     let mut acks = FuturesUnordered::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(cfg.concurrency));
     while acked < expected {
         tokio::select! {
             delivery = consumer.next(), if received < expected => {
@@ -1094,7 +1140,19 @@ async fn measure_ceiling(
                 first.get_or_insert_with(Instant::now);
                 received += 1;
                 let acker = delivery.acker;
-                acks.push(async move { acker.ack(BasicAckOptions { multiple: false }).await });
+                // Held: each message takes one of `CONCURRENCY` slots (in
+                // delivery order), keeps it `hold`, then is acked: a daemon
+                // whose only cost is the API's latency. The hold is aimed as
+                // the sandbox aims its latency (tokio's timer fires ~1 ms late).
+                let slots = (hold > Duration::ZERO).then(|| Arc::clone(&slots));
+                acks.push(async move {
+                    if let Some(slots) = slots {
+                        let _slot = slots.acquire_owned().await;
+                        let at = tokio::time::Instant::now() + hold.saturating_sub(TIMER_LAG);
+                        tokio::time::sleep_until(at).await;
+                    }
+                    acker.ack(BasicAckOptions { multiple: false }).await
+                });
             }
             Some(ack) = acks.next() => {
                 ack.context("ack")?;
@@ -1560,6 +1618,17 @@ fn print_report(bench: &Bench, scenario: &Scenario, r: &Report) {
         ),
         None => println!("  ceiling:                     not measured"),
     }
+    if let (Some(h), Some(bound)) = (&r.held, littles_law(scenario)) {
+        println!(
+            "  held ceiling (bare consumer, {} ms in one of {} slots, prefetch {}): {} msgs/s = {:.1} % of Little's law; daemon at {:.1} % of it",
+            scenario.latency_ms,
+            scenario.concurrency,
+            r.prefetch,
+            thousands_f(h.msgs_per_s()),
+            pct(h.msgs_per_s(), bound),
+            pct(rate, h.msgs_per_s())
+        );
+    }
     if let Some(bound) = littles_law(scenario) {
         println!(
             "  Little's law bound C/L:      {} /s ({} / {} ms); daemon at {:.1} % of it{}",
@@ -1585,6 +1654,12 @@ fn print_report(bench: &Bench, scenario: &Scenario, r: &Report) {
     }
     if let Some(m) = r.max_in_flight {
         println!("  sandbox max in flight:       {m}");
+    }
+    if let Some(ms) = r.sandbox_answer_ms {
+        println!(
+            "  sandbox answer time:         mean {ms:.3} ms from a call's arrival to its answer (latency asked: {} ms)",
+            scenario.latency_ms
+        );
     }
     println!(
         "  start-up (spawn → first delivery): {}; publish (pre-fill) took {:.2} s; daemon log lines (warn+): {}",
@@ -1680,8 +1755,15 @@ fn markdown_row(scenario: &Scenario, outcome: &RunOutcome, cores: usize) -> Stri
         ),
         None => ("—".to_owned(), "—".to_owned()),
     };
-    let little =
-        littles_law(scenario).map_or_else(|| "—".to_owned(), |b| format!("{:.1} %", pct(rate, b)));
+    let little = match (littles_law(scenario), &r.held) {
+        (Some(b), Some(h)) => format!(
+            "{:.1} % (held bare consumer: {:.1} %)",
+            pct(rate, b),
+            pct(h.msgs_per_s(), b)
+        ),
+        (Some(b), None) => format!("{:.1} %", pct(rate, b)),
+        (None, _) => "—".to_owned(),
+    };
     let core_s = r.wall.as_secs_f64() * cores as f64;
     format!(
         "{fixed}| {} | {ceiling} | {of_ceiling} | {little} | {:.1} / {:.1} | {:.2} / {:.2} | {:.1} | {:.2} | {:.0}/{:.0}/{:.0}/{:.0} |",
