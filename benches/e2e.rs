@@ -1148,7 +1148,7 @@ async fn measure_ceiling(
                 acks.push(async move {
                     if let Some(slots) = slots {
                         let _slot = slots.acquire_owned().await;
-                        let at = tokio::time::Instant::now() + hold.saturating_sub(TIMER_LAG);
+                        let at = tokio::time::Instant::now() + (hold - TIMER_LAG.min(hold / 2));
                         tokio::time::sleep_until(at).await;
                     }
                     acker.ack(BasicAckOptions { multiple: false }).await
