@@ -24,7 +24,7 @@
 use anyhow::{Context, Result, anyhow, bail};
 use aom_terminator::broker::{declare_topology, request_queue_arguments};
 use aom_terminator::config::{Cli, Command as CliCommand, DaemonConfig, one_line};
-use aom_terminator::sandbox::TIMER_LAG;
+use aom_terminator::sandbox::timer_aim;
 use clap::{CommandFactory, Parser, ValueEnum};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -558,18 +558,22 @@ async fn run_in(bench: &Bench, scenario: &Scenario, names: &Names) -> Result<Run
     let messages = bodies.len() as u64;
 
     // 2. The ceiling: a consumer that does nothing but ack.
-    let ceiling = if scenario.ceiling {
-        let c = measure_ceiling(
+    let ceiling_at = async |hold: Duration| {
+        measure_ceiling(
             bench,
             &connection,
             &cfg,
             &names.ceiling_queue,
             &bodies,
             scenario.requests,
-            Duration::ZERO,
+            hold,
         )
         .await
-        .context("ceiling measurement")?;
+    };
+    let ceiling = if scenario.ceiling {
+        let c = ceiling_at(Duration::ZERO)
+            .await
+            .context("ceiling measurement")?;
         println!(
             "ceiling: {} msgs consumed and acked in {:.3} s by a bare consumer (prefetch {}): {} msgs/s{}",
             thousands(c.messages),
@@ -597,18 +601,9 @@ async fn run_in(bench: &Bench, scenario: &Scenario, names: &Names) -> Result<Run
     // law with the broker's own cycle in it: what any consumer with this
     // prefetch and concurrency can reach.
     let held = if scenario.ceiling && scenario.latency_ms > 0 && scenario.batch == 0 {
-        let hold = Duration::from_millis(scenario.latency_ms);
-        let c = measure_ceiling(
-            bench,
-            &connection,
-            &cfg,
-            &names.ceiling_queue,
-            &bodies,
-            scenario.requests,
-            hold,
-        )
-        .await
-        .context("held ceiling measurement")?;
+        let c = ceiling_at(Duration::from_millis(scenario.latency_ms))
+            .await
+            .context("held ceiling measurement")?;
         println!(
             "held ceiling: a bare consumer that holds each message {} ms in one of {} slots, then acks it (prefetch {}): {} msgs/s",
             scenario.latency_ms,
@@ -1148,7 +1143,7 @@ async fn measure_ceiling(
                 acks.push(async move {
                     if let Some(slots) = slots {
                         let _slot = slots.acquire_owned().await;
-                        let at = tokio::time::Instant::now() + (hold - TIMER_LAG.min(hold / 2));
+                        let at = tokio::time::Instant::now() + timer_aim(hold);
                         tokio::time::sleep_until(at).await;
                     }
                     acker.ack(BasicAckOptions { multiple: false }).await

@@ -193,7 +193,7 @@ impl Audit {
     /// `rejected` (a rejection never blocks a later valid request).
     async fn already_final(
         conn: &mut PgConnection,
-        ids: &[String],
+        ids: &[&str],
     ) -> Result<HashSet<String>, AuditError> {
         let rows: Vec<(String,)> = sqlx::query_as(
             "SELECT request_id FROM termination_outcomes \
@@ -298,6 +298,8 @@ impl Audit {
 /// transaction); the next call takes a fresh one from the pool.
 struct Kept {
     pool: PgPool,
+    /// Only its one task uses it; the lock is what lets each retry's future
+    /// (made by `until_done`'s `FnMut`) borrow the connection.
     conn: tokio::sync::Mutex<Option<PoolConnection<Postgres>>>,
 }
 
@@ -633,7 +635,10 @@ async fn lookup_loop(
                 take += 1;
             }
             let chunk: Vec<LookupJob> = jobs.drain(..take).collect();
-            let ids: Vec<String> = chunk.iter().flat_map(|j| j.ids.iter().cloned()).collect();
+            let ids: Vec<&str> = chunk
+                .iter()
+                .flat_map(|j| j.ids.iter().map(String::as_str))
+                .collect();
             let started = std::time::Instant::now();
             let Some(found) = audit
                 .until_done("final-outcome lookup", &abort, || {
