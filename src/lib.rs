@@ -3,24 +3,29 @@
 //! terminate API with bounded parallelism and retries, and every outcome is
 //! recorded in a Postgres audit before its message is acked.
 //!
+//! Layers, top to bottom; a module uses only what is below it:
+//! - [`cli`]: the command tree;
+//! - the commands: [`daemon`] (the consumer), [`tools`] (enqueue, report,
+//!   dead-letters), [`sandbox`] (the fake API);
+//! - the adapters, the only places that name their crates: [`broker`]
+//!   (lapin), [`audit`] (sqlx), [`aom`] (reqwest);
+//! - the plain core: [`domain`], [`retry`], [`settings`], [`metrics`],
+//!   [`telemetry`].
+//!
 //! Where to look: a request is parsed in [`domain`], sent and classified in
-//! [`api`], retried in [`dispatch`] (by the policy in [`retry`]), audited in
-//! [`audit`], and acked or dead-lettered through [`broker`]; [`pipeline`]
-//! takes one message through all of that, and [`daemon`] runs the loop.
+//! [`aom`], retried in `daemon::dispatch` (by the policy in [`retry`]),
+//! audited in [`audit`], dead-lettered through [`broker`]; `daemon::pipeline`
+//! takes one message through all of that, and [`daemon`] acks it.
 
-pub mod api;
+pub mod aom;
 pub mod audit;
-pub mod auth;
 pub mod broker;
-pub mod config;
+pub mod cli;
 pub mod daemon;
-pub mod deadletters;
-pub mod dispatch;
 pub mod domain;
-pub mod enqueue;
-pub mod observe;
-pub mod pipeline;
-pub mod report;
+pub mod metrics;
 pub mod retry;
 pub mod sandbox;
+pub mod settings;
 pub mod telemetry;
+pub mod tools;

@@ -2,9 +2,11 @@
 //! the chosen subcommand until a signal.
 
 use aom_terminator::audit::Audit;
-use aom_terminator::config::{Cli, Command, ConfigError, one_line};
-use aom_terminator::{daemon, deadletters, enqueue, report, sandbox, telemetry};
-use clap::{CommandFactory, Parser};
+use aom_terminator::cli::{Cli, Command, env_names, one_line};
+use aom_terminator::settings::ConfigError;
+use aom_terminator::tools::{dead_letters, enqueue, report};
+use aom_terminator::{daemon, sandbox, telemetry};
+use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -46,8 +48,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             },
-            Command::Migrate(args) => match args.connect_options() {
-                Ok(options) => Audit::new(options, 1)
+            Command::Migrate(args) => match args.settings().and_then(|s| Audit::new(&s, 1)) {
+                Ok(audit) => audit
                     .migrate()
                     .await
                     .map(|()| tracing::info!("audit schema is up to date"))
@@ -58,7 +60,7 @@ fn main() -> ExitCode {
                 }
             },
             Command::Sandbox(args) => sandbox::run(*args, shutdown_signal()).await,
-            Command::DeadLetters(args) => deadletters::run(*args).await,
+            Command::DeadLetters(args) => dead_letters::run(*args).await,
             Command::Report(args) => report::run(*args).await,
             Command::Enqueue(args) => match enqueue::run(*args).await {
                 Ok(enqueue::Enqueued::Published) => Ok(()),
@@ -85,17 +87,7 @@ fn main() -> ExitCode {
 /// An empty environment variable counts as unset (clap would read it as an
 /// empty value): remove every empty one that a setting reads.
 fn unset_empty_settings() {
-    let command = Cli::command();
-    let mut names = Vec::new();
-    let mut pending = vec![&command];
-    while let Some(cmd) = pending.pop() {
-        names.extend(
-            cmd.get_arguments()
-                .filter_map(|a| a.get_env().map(|e| e.to_owned())),
-        );
-        pending.extend(cmd.get_subcommands());
-    }
-    for name in names {
+    for name in env_names() {
         if std::env::var_os(&name).is_some_and(|v| v.is_empty()) {
             // SAFETY: called first thing in `main`, before any other thread
             // exists, so nothing can read the environment concurrently.

@@ -1,7 +1,7 @@
 //! Logging: human lines on a terminal, JSON for log shippers. `RUST_LOG`
 //! filters (default `info`).
 
-use crate::config::LogFormat;
+use crate::settings::LogFormat;
 use tracing_subscriber::EnvFilter;
 
 pub fn init(format: LogFormat) {

@@ -3,7 +3,7 @@
 //! checked with the same signer the daemon uses. With none configured,
 //! every call is let in.
 
-use crate::auth::aksk;
+use crate::aom::auth::aksk;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};

@@ -9,8 +9,9 @@
 #![allow(dead_code)] // not every test binary uses every helper
 
 use aom_terminator::broker::{declare_topology, request_queue_arguments};
-use aom_terminator::config::{Cli, Command, DaemonConfig, LogFormat, RunArgs};
+use aom_terminator::cli::{Cli, Command};
 use aom_terminator::sandbox::{RunningSandbox, Sandbox, SandboxArgs};
+use aom_terminator::settings::{DaemonConfig, LogFormat, RunArgs};
 use lapin::options::{
     BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
 };
@@ -570,23 +571,10 @@ impl ParseArgs for Cli {
 pub fn binary() -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_aom-terminator"));
     // Only what each test sets: no stray settings from the developer's shell.
-    for var in [
-        "AMQP_URL",
-        "DATABASE_URL",
-        "AOM_ENDPOINT",
-        "AOM_AUTH_TOKEN",
-        "TERMINATE_QUEUE",
-        "DEAD_LETTER_QUEUE",
-        "CONCURRENCY",
-        "PREFETCH",
-        "MAX_ATTEMPTS",
-        "SHUTDOWN_GRACE",
-        "BACKOFF_INITIAL_MS",
-        "BACKOFF_MAX_MS",
-        "HTTP_TIMEOUT_MS",
-        "LOG_FORMAT",
-        "RUST_LOG",
-    ] {
+    for var in aom_terminator::cli::env_names()
+        .iter()
+        .chain(&["RUST_LOG".to_owned()])
+    {
         cmd.env_remove(var);
     }
     cmd.stdin(Stdio::null())

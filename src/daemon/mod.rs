@@ -1,22 +1,35 @@
-//! The daemon: wires the parts together, supervises the broker session,
-//! and shuts down at a safe point.
+//! The daemon (`aom-terminator run`): wires the adapters to the pipeline,
+//! supervises the broker session, acks what the pipeline settled, and shuts
+//! down at a safe point.
 //!
 //! Shutdown has two steps. `stop` (the signal): no new messages, no new
 //! requests; in-flight requests go on. `abort` (`SHUTDOWN_GRACE` later):
 //! whatever has not finished is left unacked for the broker to redeliver.
 
-use crate::api::TerminateClient;
-use crate::audit::{Audit, AuditWriter, FinalLookups, FlushMetrics};
-use crate::broker::{DeadLetters, Session};
-use crate::config::DaemonConfig;
-use crate::dispatch::Dispatcher;
-use crate::domain::ParsedMessage;
-use crate::observe::{self, BrokerUp, Metrics, OutcomeLabel, Readiness};
-use crate::pipeline::{InFlight, Pipeline};
+mod dispatch;
+mod http;
+mod in_flight;
+mod pipeline;
+mod ports;
+#[cfg(test)]
+mod tests;
+
+pub use dispatch::{Api, Dispatcher};
+pub use pipeline::{Handled, Letters, Pipeline, Store};
+
+use crate::aom::TerminateClient;
+use crate::audit::{Audit, AuditWriter, FinalLookups};
+use crate::broker::{self, AckHandle, DeadLetters, Incoming, Session};
+use crate::domain::{Message, Outcome, ParsedMessage};
+use crate::metrics::Metrics;
 use crate::retry::RetryPolicy;
+use crate::settings::DaemonConfig;
 use crate::telemetry::cause_chain;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
+use http::{BrokerUp, Readiness};
+use in_flight::InFlight;
+use ports::{AuditStore, BrokerLetters};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +40,41 @@ use tokio_util::task::TaskTracker;
 /// How often the supervisor checks that the connection is still alive (the
 /// heartbeat notices a dead peer; this notices that lapin has noticed).
 const LIVENESS_CHECK: Duration = Duration::from_secs(2);
+
+/// The pipeline as the daemon runs it: the audit in Postgres, dead letters
+/// on the broker, the real API.
+type LivePipeline = Pipeline<AuditStore, BrokerLetters, TerminateClient>;
+
+/// The right to ack a message: the pipeline says whether to, the daemon
+/// does it. [`AckHandle`] in the daemon; a recorder in the tests.
+pub trait Acknowledge: Send + 'static {
+    fn ack(self);
+}
+
+impl Acknowledge for AckHandle {
+    fn ack(self) {
+        AckHandle::ack(self);
+    }
+}
+
+/// The unit of work: one message through the pipeline, then acked if it
+/// was settled. Returns what happened.
+pub async fn work<S: Store, L: Letters, A: Api>(
+    pipeline: &Pipeline<S, L, A>,
+    message: Message,
+    parsed: ParsedMessage,
+    ack: impl Acknowledge,
+) -> Handled {
+    let handled = pipeline.handle(&message, parsed).await;
+    match handled {
+        Handled::Settled => ack.ack(),
+        Handled::Unsettled => tracing::info!(
+            message_id = message.message_id.as_deref().unwrap_or(""),
+            "message left unacked (shutdown); the broker will redeliver it"
+        ),
+    }
+    handled
+}
 
 /// Run until `shutdown` resolves, then stop cleanly. Errors only on what
 /// retrying cannot fix.
@@ -61,7 +109,10 @@ async fn serve(
     stop: CancellationToken,
     abort: CancellationToken,
 ) -> anyhow::Result<()> {
-    let audit = Audit::new(cfg.database.0.clone(), 10);
+    // What only the adapters can check (the full URL grammars) is checked
+    // before anything connects: a bad setting is one line and exit 2.
+    broker::uri(&cfg.amqp)?;
+    let audit = Audit::new(&cfg.database, 10)?;
     if audit
         .until_done("audit migrations", &stop, || audit.migrate())
         .await
@@ -77,18 +128,12 @@ async fn serve(
     };
     let metrics = Arc::new(Metrics::new());
     let broker_up = Arc::new(BrokerUp::default());
-    let (writer, writer_task) = AuditWriter::spawn(
-        audit.clone(),
-        abort.clone(),
-        FlushMetrics {
-            seconds: metrics.audit_write_latency.clone(),
-            records: metrics.audit_write_records.clone(),
-        },
-    );
+    let (writer, writer_task) =
+        AuditWriter::spawn(audit.clone(), abort.clone(), Arc::clone(&metrics));
     let (lookups, lookup_task) =
-        FinalLookups::spawn(audit.clone(), abort.clone(), metrics.lookup_latency.clone());
-    let (publish_channel, dead_letters) = DeadLetters::new(cfg.amqp.clone());
-    let pipeline = Arc::new(Pipeline {
+        FinalLookups::spawn(audit.clone(), abort.clone(), Arc::clone(&metrics));
+    let dead_letters = DeadLetters::new(cfg.amqp.clone());
+    let pipeline: Arc<LivePipeline> = Arc::new(Pipeline {
         dispatcher: Dispatcher::new(
             client,
             policy,
@@ -98,14 +143,19 @@ async fn serve(
             stop.clone(),
             abort.clone(),
         ),
-        writer,
-        lookups,
-        audit,
-        dead_letters,
+        store: AuditStore {
+            writer,
+            lookups,
+            audit: audit.clone(),
+            abort: abort.clone(),
+        },
+        letters: BrokerLetters {
+            dead_letters: dead_letters.clone(),
+            abort: abort.clone(),
+        },
         in_flight: InFlight::default(),
         concurrency: cfg.concurrency,
         source_queue: cfg.amqp.queue.clone(),
-        abort: abort.clone(),
         metrics: Arc::clone(&metrics),
     });
     // Bound before anything is consumed: a taken port is a start-up error.
@@ -117,7 +167,7 @@ async fn serve(
                 pipeline: Arc::clone(&pipeline),
                 broker: Arc::clone(&broker_up),
             });
-            let task = observe::serve(addr, Arc::clone(&metrics), readiness, listener_stop.clone())
+            let task = http::serve(addr, Arc::clone(&metrics), readiness, listener_stop.clone())
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (METRICS_ADDR): {e}"))?;
             Some(task)
@@ -160,10 +210,10 @@ async fn serve(
                 }
             }
         };
-        publish_channel.send_replace(Some(session.publish_channel()));
+        dead_letters.attach(&session);
         opened += 1;
         if opened > 1 {
-            metrics.reconnects.inc();
+            metrics.reconnected();
         }
         broker_up.set(true);
         match consume(&session, &cfg, &pipeline, &credits, &tasks, &stop).await {
@@ -226,7 +276,7 @@ fn reconnect_backoff() -> impl Iterator<Item = Duration> {
 async fn consume(
     session: &Session,
     cfg: &DaemonConfig,
-    pipeline: &Arc<Pipeline>,
+    pipeline: &Arc<LivePipeline>,
     credits: &Arc<Semaphore>,
     tasks: &TaskTracker,
     stop: &CancellationToken,
@@ -238,7 +288,7 @@ async fn consume(
         // Paused on 401, or on a failing database: take nothing new until
         // the credentials work and the audit can be written.
         if !pipeline.dispatcher.gate.wait_open(stop).await
-            || !pipeline.audit.wait_healthy(stop).await
+            || !pipeline.store.audit.wait_healthy(stop).await
         {
             return Ok(());
         }
@@ -250,11 +300,11 @@ async fn consume(
                     return Err("the broker connection is gone".into());
                 }
                 if let Some(depth) = session.queue_depth(&cfg.amqp.queue).await {
-                    pipeline.metrics.queue_depth.set(i64::from(depth));
+                    pipeline.metrics.set_queue_depth(depth);
                 }
             }
             next = deliveries.next() => match next {
-                Some(Ok(message)) => {
+                Some(Ok(Incoming { message, ack })) => {
                     // Parse here, so that the requests held in memory are
                     // bounded (PREFETCH_REQUESTS) however big the batches.
                     let parsed = ParsedMessage::parse(&message.body, message.message_id.as_deref());
@@ -267,7 +317,7 @@ async fn consume(
                     let pipeline = Arc::clone(pipeline);
                     tasks.spawn(async move {
                         let _held = held;
-                        pipeline.handle(message, parsed).await
+                        work(&pipeline, message, parsed, ack).await
                     });
                 }
                 Some(Err(e)) => return Err(Box::new(e)),
@@ -280,7 +330,7 @@ async fn consume(
 /// `/readyz`: the broker is connected, the audit database answers, and the
 /// daemon is not paused on bad credentials.
 struct DaemonReadiness {
-    pipeline: Arc<Pipeline>,
+    pipeline: Arc<LivePipeline>,
     broker: Arc<BrokerUp>,
 }
 
@@ -289,7 +339,7 @@ impl Readiness for DaemonReadiness {
         if !self.broker.get() {
             return Err("the broker is not connected".to_owned());
         }
-        if !self.pipeline.audit.is_healthy() {
+        if !self.pipeline.store.audit.is_healthy() {
             return Err("the audit database is failing".to_owned());
         }
         if !self.pipeline.dispatcher.gate.is_open() {
@@ -302,12 +352,7 @@ impl Readiness for DaemonReadiness {
 /// One line a minute while there is work: what was done, and how fast.
 async fn summarise(metrics: Arc<Metrics>, stop: CancellationToken) {
     const EVERY: Duration = Duration::from_secs(60);
-    let count = |outcome: &'static str| {
-        metrics
-            .requests
-            .get_or_create(&OutcomeLabel { outcome })
-            .get()
-    };
+    let count = |outcome| metrics.finished_count(outcome);
     let mut last = 0u64;
     let mut tick = tokio::time::interval(EVERY);
     tick.tick().await;
@@ -316,9 +361,9 @@ async fn summarise(metrics: Arc<Metrics>, stop: CancellationToken) {
             _ = tick.tick() => {}
             () = stop.cancelled() => return,
         }
-        let succeeded = count("succeeded");
-        let failed = count("failed_permanent") + count("failed_retries_exhausted");
-        let rejected = count("rejected");
+        let succeeded = count(Outcome::Succeeded);
+        let failed = count(Outcome::FailedPermanent) + count(Outcome::FailedRetriesExhausted);
+        let rejected = count(Outcome::Rejected);
         let done = succeeded + failed + rejected;
         if done != last {
             tracing::info!(
@@ -327,7 +372,7 @@ async fn summarise(metrics: Arc<Metrics>, stop: CancellationToken) {
                 failed,
                 rejected,
                 rate_per_s = (done - last) as f64 / EVERY.as_secs_f64(),
-                in_flight = metrics.in_flight.get(),
+                in_flight = metrics.calls_in_flight(),
                 "progress"
             );
             last = done;

@@ -6,44 +6,16 @@
 
 use super::AuthError;
 use crate::domain::truncate;
+use crate::settings::{IamSettings, ProjectScope};
 use chrono::{DateTime, Utc};
 use reqwest::header::HeaderValue;
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// After a failed IAM call, callers get that failure back for this long
 /// instead of calling IAM again (the 401 probe schedule paces the retries).
 const FAILURE_HOLD: Duration = Duration::from_secs(1);
-
-#[derive(Clone)]
-pub struct IamSettings {
-    pub endpoint: reqwest::Url,
-    pub user: String,
-    pub password: SecretString,
-    pub domain: String,
-    pub project: ProjectScope,
-    /// Renew when less than this is left (at most half the token's life).
-    pub renew_before: Duration,
-}
-
-impl std::fmt::Debug for IamSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IamSettings")
-            .field("endpoint", &self.endpoint.as_str())
-            .field("user", &self.user)
-            .field("domain", &self.domain)
-            .field("project", &self.project)
-            .field("renew_before", &self.renew_before)
-            .finish_non_exhaustive()
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ProjectScope {
-    Name(String),
-    Id(String),
-}
 
 #[derive(Debug)]
 pub struct IamTokens {

@@ -1,4 +1,4 @@
-//! Termination requests and their parsing from a message body. No I/O.
+//! Termination requests and their parsing from a message body.
 //!
 //! "Parse, don't validate": once you hold a [`TerminationRequest`], its ids
 //! follow the API's rules. Everything a message can get wrong is a
@@ -92,6 +92,14 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Every outcome, in the order reports list them.
+    pub const ALL: [Outcome; 4] = [
+        Outcome::Succeeded,
+        Outcome::FailedPermanent,
+        Outcome::FailedRetriesExhausted,
+        Outcome::Rejected,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Succeeded => "succeeded",

@@ -1,46 +1,40 @@
-//! What the daemon exposes about itself: Prometheus metrics (the
-//! `prometheus-client` crate) and the health endpoints, on `METRICS_ADDR`.
+//! The daemon's Prometheus metrics: the only module that knows the
+//! `prometheus-client` crate. Everything else records through the methods
+//! below; `daemon::http` serves [`Metrics::encode`] on `/metrics`.
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
+use crate::domain::{Attempt, Outcome};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use tokio_util::sync::CancellationToken;
+use std::time::Duration;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OutcomeLabel {
-    pub outcome: &'static str,
+struct OutcomeLabel {
+    outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct StatusLabel {
+struct StatusLabel {
     /// The HTTP status, or the kind of network error.
-    pub status: String,
+    status: String,
 }
 
 /// Every metric, registered once; cheap to update from the hot path.
 pub struct Metrics {
-    pub requests: Family<OutcomeLabel, Counter>,
-    pub api_calls: Family<StatusLabel, Counter>,
-    pub attempts: Counter,
-    pub in_flight: Gauge,
-    pub api_latency: Histogram,
-    pub audit_write_latency: Histogram,
-    pub audit_write_records: Histogram,
-    pub lookup_latency: Histogram,
-    pub queue_depth: Gauge,
-    pub reconnects: Counter,
-    pub skipped_redeliveries: Counter,
+    requests: Family<OutcomeLabel, Counter>,
+    api_calls: Family<StatusLabel, Counter>,
+    attempts: Counter,
+    in_flight: Gauge,
+    api_latency: Histogram,
+    audit_write_latency: Histogram,
+    audit_write_records: Histogram,
+    lookup_latency: Histogram,
+    queue_depth: Gauge,
+    reconnects: Counter,
+    skipped_redeliveries: Counter,
     registry: Registry,
 }
 
@@ -109,6 +103,75 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
+    /// `n` more requests reached `outcome`.
+    pub fn finished(&self, outcome: Outcome, n: u64) {
+        if n > 0 {
+            self.requests
+                .get_or_create(&OutcomeLabel {
+                    outcome: outcome.as_str(),
+                })
+                .inc_by(n);
+        }
+    }
+
+    /// Requests that reached `outcome` so far.
+    pub fn finished_count(&self, outcome: Outcome) -> u64 {
+        self.requests
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.as_str(),
+            })
+            .get()
+    }
+
+    /// An API call starts; [`Metrics::call_ended`] follows it.
+    pub fn call_started(&self) {
+        self.in_flight.inc();
+    }
+
+    pub fn call_ended(&self) {
+        self.in_flight.dec();
+    }
+
+    pub fn calls_in_flight(&self) -> i64 {
+        self.in_flight.get()
+    }
+
+    /// An API call was answered (or failed on the network).
+    pub fn answered(&self, attempt: &Attempt) {
+        self.attempts.inc();
+        let status = match (attempt.http_status, attempt.error_kind) {
+            (Some(code), _) => code.to_string(),
+            (None, Some(kind)) => kind.as_str().to_owned(),
+            (None, None) => "unknown".to_owned(),
+        };
+        self.api_calls.get_or_create(&StatusLabel { status }).inc();
+        self.api_latency.observe(attempt.latency.as_secs_f64());
+    }
+
+    /// One audit flush took `took` and committed `records`.
+    pub fn audit_flushed(&self, took: Duration, records: usize) {
+        self.audit_write_latency.observe(took.as_secs_f64());
+        self.audit_write_records.observe(records as f64);
+    }
+
+    /// One dedupe lookup query took `took`.
+    pub fn looked_up(&self, took: Duration) {
+        self.lookup_latency.observe(took.as_secs_f64());
+    }
+
+    pub fn set_queue_depth(&self, ready: u32) {
+        self.queue_depth.set(i64::from(ready));
+    }
+
+    /// A broker session was opened after the first.
+    pub fn reconnected(&self) {
+        self.reconnects.inc();
+    }
+
+    pub fn skipped_redelivery(&self) {
+        self.skipped_redeliveries.inc();
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.
@@ -120,75 +183,5 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-/// What `/readyz` checks.
-pub trait Readiness: Send + Sync + 'static {
-    /// `Ok` when ready, else why not.
-    fn ready(&self) -> Result<(), String>;
-}
-
-/// Broker connectivity, as the supervisor sees it.
-#[derive(Debug, Default)]
-pub struct BrokerUp(AtomicBool);
-
-impl BrokerUp {
-    pub fn set(&self, up: bool) {
-        self.0.store(up, Ordering::Relaxed);
-    }
-
-    pub fn get(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-#[derive(Clone)]
-struct AppState {
-    metrics: Arc<Metrics>,
-    readiness: Arc<dyn Readiness>,
-}
-
-/// Bind `addr` now (a taken port is a start-up error), serve until `stop`.
-pub async fn serve(
-    addr: SocketAddr,
-    metrics: Arc<Metrics>,
-    readiness: Arc<dyn Readiness>,
-    stop: CancellationToken,
-) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let app = Router::new()
-        .route("/metrics", get(metrics_handler))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(ready_handler))
-        .with_state(AppState { metrics, readiness });
-    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
-    Ok(tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "the metrics listener failed");
-        }
-    }))
-}
-
-async fn metrics_handler(State(app): State<AppState>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        app.metrics.encode(),
-    )
-}
-
-async fn ready_handler(State(app): State<AppState>) -> impl IntoResponse {
-    match app.readiness.ready() {
-        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
-        Err(why) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {why}\n"),
-        ),
     }
 }

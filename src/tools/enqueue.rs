@@ -5,8 +5,8 @@
 //! confirms and the mandatory flag, so nothing is silently dropped.
 
 use crate::broker::Admin;
-use crate::config::{BrokerArgs, ConfigError};
-use crate::domain::{Item, MAX_BATCH, ParsedMessage, TerminationRequest};
+use crate::domain::{Item, MAX_BATCH, ParsedMessage, TerminationRequest, WireRequest, batch_body};
+use crate::settings::{BrokerArgs, ConfigError};
 use clap::{Args, ValueEnum};
 use sha2::{Digest, Sha256};
 use std::io::{IsTerminal, Read, Write};
@@ -271,9 +271,8 @@ pub async fn run(args: EnqueueArgs) -> anyhow::Result<Enqueued> {
     let mut published = 0usize;
     let result = async {
         for chunk in requests.chunks(args.batch_size as usize) {
-            let elements: Vec<serde_json::Value> = chunk.iter().map(request_json).collect();
-            let body = serde_json::json!({ "requests": elements }).to_string();
-            admin.publish(&settings.queue, body.as_bytes()).await?;
+            let body = batch_body(chunk.iter().map(WireRequest::from));
+            admin.publish(&settings.queue, &body).await?;
             messages += 1;
             published += chunk.len();
             progress.update(published);
@@ -296,21 +295,6 @@ pub async fn run(args: EnqueueArgs) -> anyhow::Result<Enqueued> {
         }
     );
     Ok(Enqueued::Published)
-}
-
-fn request_json(r: &TerminationRequest) -> serde_json::Value {
-    let mut o = serde_json::json!({
-        "request_id": r.request_id,
-        "project_id": r.project_id.as_str(),
-        "workflow_id": r.workflow_id.as_str(),
-        "execution_id": r.execution_id.as_str(),
-    });
-    for (k, v) in [("reason", &r.reason), ("requested_by", &r.requested_by)] {
-        if let Some(v) = v {
-            o[k] = v.clone().into();
-        }
-    }
-    o
 }
 
 /// A progress bar with rate and ETA on a terminal; a plain line per tenth

@@ -1,238 +1,24 @@
-//! The audit in Postgres: the only file that knows SQL.
-//!
-//! Writes are batched: every finished request hands its record to one
-//! [`AuditWriter`] task, which drains whatever has queued up while its last
-//! flush ran and commits it all in one transaction (multi-row
-//! `INSERT ... SELECT FROM UNNEST`). A caller learns that its record is
-//! committed, and only then may its message be acked.
+//! The one writer: commits whatever records queued up during its previous
+//! flush, attempts and outcomes together, in one statement (multi-row
+//! `INSERT ... SELECT FROM UNNEST`) on a connection of its own. A caller
+//! learns that its record is committed, and only then may its message be
+//! acked.
 
-use crate::api::Attempt;
-use crate::domain::Outcome;
-use crate::telemetry::cause_chain;
-use backon::{ExponentialBuilder, Retryable};
+use super::{Audit, AuditError, FinalRecord, Record};
+use crate::domain::Attempt;
+use crate::metrics::Metrics;
 use chrono::{DateTime, Utc};
-use prometheus_client::metrics::histogram::Histogram;
 use sqlx::Connection;
-use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, Postgres};
-use std::collections::{HashMap, HashSet};
-use std::future::Future;
+use sqlx::postgres::PgConnection;
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 /// The most records one flush commits.
 const MAX_FLUSH: usize = 1000;
-/// A kept connection's call that has had no answer for this long is given up and its
-/// connection closed (a connection whose peer vanished without a word
-/// would otherwise hang it for good); the call is then tried again.
-const CALL_TIMEOUT: Duration = Duration::from_secs(30);
-
-#[derive(Debug, thiserror::Error)]
-pub enum AuditError {
-    #[error("audit database query failed")]
-    Query(#[from] sqlx::Error),
-    #[error("audit migrations failed")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("audit database call got no answer within {0:?}")]
-    Timeout(Duration),
-}
-
-/// A request's final outcome with every attempt that led to it.
-#[derive(Debug, Clone)]
-pub struct FinalRecord {
-    pub request_id: String,
-    pub project_id: Option<String>,
-    pub workflow_id: Option<String>,
-    pub execution_id: Option<String>,
-    pub outcome: Outcome,
-    pub http_status: Option<u16>,
-    pub error_code: Option<String>,
-    pub error_msg: Option<String>,
-    pub attempts: Vec<Attempt>,
-    /// Attempts recorded by earlier deliveries; numbering continues after them.
-    pub attempts_before: u32,
-    pub reason: Option<String>,
-    pub requested_by: Option<String>,
-    pub received_at: DateTime<Utc>,
-    pub finished_at: DateTime<Utc>,
-    pub redelivered: bool,
-    pub message_id: Option<String>,
-    /// The request this one replays from the dead-letter queue.
-    pub replay_of: Option<String>,
-}
-
-/// One thing to commit.
-#[derive(Debug, Clone)]
-pub enum Record {
-    Final(Box<FinalRecord>),
-    /// Attempts of a request that did not reach a final outcome (shutdown):
-    /// the calls were made, so the audit shows them.
-    Unfinished {
-        request_id: String,
-        attempts_before: u32,
-        attempts: Vec<Attempt>,
-    },
-    /// A delivery of a request that already had its final outcome.
-    Skipped {
-        request_id: String,
-    },
-}
-
-#[derive(Clone, Debug)]
-pub struct Audit {
-    /// Lookups and everything else.
-    pool: PgPool,
-    /// Audit flushes only: the writer's one connection, so each flush runs
-    /// on a backend that has its statement prepared and planned.
-    writes: PgPool,
-    /// False from a failed database call until the next one succeeds: the
-    /// daemon takes no new messages meanwhile, and is not ready.
-    healthy: Arc<watch::Sender<bool>>,
-}
 
 impl Audit {
-    /// Lazy pools: nothing connects until the first query, so a database
-    /// that is down at start is retried like one that goes down later.
-    pub fn new(options: PgConnectOptions, max_connections: u32) -> Self {
-        let lazy = |max: u32, options: PgConnectOptions| {
-            PgPoolOptions::new()
-                .max_connections(max)
-                .acquire_timeout(Duration::from_secs(5))
-                .connect_lazy_with(options)
-        };
-        // Plan every lookup for its actual ids: a generic plan made while
-        // the table was small scans it whole, every time, ever after. The
-        // flushes keep Postgres' default: their plan does not depend on the
-        // table's size, and re-planning the upsert for every flush cost a
-        // sixth of the database's time.
-        let pool = lazy(
-            max_connections,
-            options
-                .clone()
-                .options([("plan_cache_mode", "force_custom_plan")]),
-        );
-        let writes = lazy(1, options);
-        Self {
-            pool,
-            writes,
-            healthy: Arc::new(watch::Sender::new(true)),
-        }
-    }
-
-    pub fn is_healthy(&self) -> bool {
-        *self.healthy.borrow()
-    }
-
-    /// Wait until the database answers again; `false` if `cancel` fires first.
-    pub async fn wait_healthy(&self, cancel: &CancellationToken) -> bool {
-        let mut rx = self.healthy.subscribe();
-        tokio::select! {
-            ok = rx.wait_for(|ok| *ok) => ok.is_ok(),
-            () = cancel.cancelled() => false,
-        }
-    }
-
-    fn set_healthy(&self, ok: bool) {
-        let was = self.healthy.send_replace(ok);
-        if was && !ok {
-            tracing::error!(
-                "the audit database is failing: no new messages are taken until it answers"
-            );
-        } else if !was && ok {
-            tracing::info!("the audit database answers again; resuming");
-        }
-    }
-
-    /// Run a database call until it succeeds, backing off between tries, or
-    /// until `abort` fires (then `None`). The daemon never gives up on the
-    /// audit by itself: an outcome it cannot record is an outcome it cannot ack.
-    pub async fn until_done<T, F, Fut>(
-        &self,
-        what: &str,
-        abort: &CancellationToken,
-        call: F,
-    ) -> Option<T>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T, AuditError>>,
-    {
-        let backoff = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(100))
-            .with_max_delay(Duration::from_secs(5))
-            .with_jitter()
-            .without_max_times();
-        let retried = call.retry(backoff).sleep(tokio::time::sleep).notify(
-            |e: &AuditError, delay: Duration| {
-                self.set_healthy(false);
-                tracing::warn!(
-                    error.cause_chain = %cause_chain(e),
-                    retry_in_ms = delay.as_millis() as u64,
-                    "{what} failed; retrying"
-                );
-            },
-        );
-        let result = tokio::select! {
-            biased;
-            result = retried => result.ok(),
-            () = abort.cancelled() => None,
-        };
-        if result.is_some() {
-            self.set_healthy(true);
-        }
-        result
-    }
-
-    pub async fn migrate(&self) -> Result<(), AuditError> {
-        sqlx::migrate!("./migrations").run(&self.pool).await?;
-        Ok(())
-    }
-
-    /// The ids among `ids` that already have a final outcome other than
-    /// `rejected` (a rejection never blocks a later valid request).
-    async fn already_final(
-        conn: &mut PgConnection,
-        ids: &[&str],
-    ) -> Result<HashSet<String>, AuditError> {
-        let rows: Vec<(String,)> = sqlx::query_as(
-            "SELECT request_id FROM termination_outcomes \
-             WHERE request_id = ANY($1) AND outcome <> 'rejected'",
-        )
-        .bind(ids)
-        .fetch_all(conn)
-        .await?;
-        Ok(rows.into_iter().map(|(id,)| id).collect())
-    }
-
-    /// A connection for the lookup task to keep.
-    fn kept_for_lookups(&self) -> Kept {
-        Kept::new(self.pool.clone())
-    }
-
-    /// A connection for the writer to keep.
-    fn kept_for_writes(&self) -> Kept {
-        Kept::new(self.writes.clone())
-    }
-
-    /// How many attempts each of `ids` already has on record.
-    pub async fn attempts_recorded(
-        &self,
-        ids: &[String],
-    ) -> Result<HashMap<String, u32>, AuditError> {
-        let rows: Vec<(String, i32)> = sqlx::query_as(
-            "SELECT request_id, max(attempt) FROM termination_attempts \
-             WHERE request_id = ANY($1) GROUP BY request_id",
-        )
-        .bind(ids)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, n)| (id, u32::try_from(n).unwrap_or(0)))
-            .collect())
-    }
-
     /// Commit `records` in one transaction.
     async fn write(conn: &mut PgConnection, records: &[&Record]) -> Result<(), AuditError> {
         let mut attempts = AttemptColumns::default();
@@ -286,50 +72,6 @@ impl Audit {
         }
         tx.commit().await?;
         Ok(())
-    }
-}
-
-/// The connection the writer (or the lookup task) keeps from one call to
-/// the next. A connection
-/// taken from a sqlx pool is pinged when it is taken and again when it is
-/// given back: two more round trips to the database for every flush, each
-/// a wake-up of both processes. The task keeps its connection instead, and
-/// closes it after any error (it may be broken, or inside a failed
-/// transaction); the next call takes a fresh one from the pool.
-struct Kept {
-    pool: PgPool,
-    /// Only its one task uses it; the lock is what lets each retry's future
-    /// (made by `until_done`'s `FnMut`) borrow the connection.
-    conn: tokio::sync::Mutex<Option<PoolConnection<Postgres>>>,
-}
-
-impl Kept {
-    fn new(pool: PgPool) -> Self {
-        Self {
-            pool,
-            conn: tokio::sync::Mutex::new(None),
-        }
-    }
-
-    async fn call<T>(
-        &self,
-        f: impl AsyncFnOnce(&mut PgConnection) -> Result<T, AuditError>,
-    ) -> Result<T, AuditError> {
-        let mut slot = self.conn.lock().await;
-        let conn = match slot.take() {
-            Some(conn) => slot.insert(conn),
-            None => slot.insert(self.pool.acquire().await?),
-        };
-        let result = match tokio::time::timeout(CALL_TIMEOUT, f(conn)).await {
-            Ok(result) => result,
-            Err(_) => Err(AuditError::Timeout(CALL_TIMEOUT)),
-        };
-        if result.is_err()
-            && let Some(mut broken) = slot.take()
-        {
-            broken.close_on_drop();
-        }
-        result
     }
 }
 
@@ -559,110 +301,6 @@ impl OutcomeColumns<'_> {
     }
 }
 
-struct LookupJob {
-    ids: Vec<String>,
-    reply: oneshot::Sender<HashSet<String>>,
-}
-
-/// Answers "which of these already have a final outcome?" for many
-/// messages with one query: lookups that arrive while one runs are
-/// answered together by the next. One task, for the writer's reason (two
-/// were slower).
-#[derive(Clone, Debug)]
-pub struct FinalLookups {
-    queue: mpsc::Sender<LookupJob>,
-}
-
-impl std::fmt::Debug for LookupJob {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "LookupJob({} ids)", self.ids.len())
-    }
-}
-
-impl FinalLookups {
-    /// `seconds` observes each lookup query.
-    pub fn spawn(
-        audit: Audit,
-        abort: CancellationToken,
-        seconds: Histogram,
-    ) -> (Self, tokio::task::JoinHandle<()>) {
-        let (queue, jobs) = mpsc::channel(4096);
-        let task = tokio::spawn(lookup_loop(audit, jobs, abort, seconds));
-        (Self { queue }, task)
-    }
-
-    /// The ids among `ids` with a final outcome other than `rejected`;
-    /// `None` if the lookup gave up (shutdown grace ran out).
-    pub async fn already_final(&self, ids: Vec<String>) -> Option<HashSet<String>> {
-        let (reply, answer) = oneshot::channel();
-        if self.queue.send(LookupJob { ids, reply }).await.is_err() {
-            return None;
-        }
-        answer.await.ok()
-    }
-}
-
-/// Ids per lookup query at most (one message can bring 10,000).
-const MAX_LOOKUP_IDS: usize = 20_000;
-
-async fn lookup_loop(
-    audit: Audit,
-    mut queue: mpsc::Receiver<LookupJob>,
-    abort: CancellationToken,
-    seconds: Histogram,
-) {
-    let kept = audit.kept_for_lookups();
-    let mut jobs = Vec::new();
-    while queue.recv_many(&mut jobs, 512).await > 0 {
-        // One multiple ack frees many prefetch slots at once, so messages
-        // arrive in bursts and ask within microseconds of each other. Let
-        // the whole burst in before querying: one query answers it, where
-        // answering the first alone made the rest wait for a second one
-        // (a third fewer queries, and ~6 % more messages/s at prefetch 64).
-        tokio::task::yield_now().await;
-        while jobs.len() < 512
-            && let Ok(job) = queue.try_recv()
-        {
-            jobs.push(job);
-        }
-        // Answer in chunks of whole jobs that fit one query.
-        while !jobs.is_empty() {
-            let mut take = 0;
-            let mut count = 0;
-            while take < jobs.len() && (take == 0 || count + jobs[take].ids.len() <= MAX_LOOKUP_IDS)
-            {
-                count += jobs[take].ids.len();
-                take += 1;
-            }
-            let chunk: Vec<LookupJob> = jobs.drain(..take).collect();
-            let ids: Vec<&str> = chunk
-                .iter()
-                .flat_map(|j| j.ids.iter().map(String::as_str))
-                .collect();
-            let started = std::time::Instant::now();
-            let Some(found) = audit
-                .until_done("final-outcome lookup", &abort, || {
-                    kept.call(async |conn| Audit::already_final(conn, &ids).await)
-                })
-                .await
-            else {
-                // Shutdown: dropping the replies tells every caller.
-                jobs.clear();
-                break;
-            };
-            seconds.observe(started.elapsed().as_secs_f64());
-            for job in chunk {
-                let mine = job
-                    .ids
-                    .into_iter()
-                    .filter(|id| found.contains(id))
-                    .collect();
-                let _ = job.reply.send(mine);
-            }
-        }
-    }
-}
-
 struct Job {
     record: Record,
     done: oneshot::Sender<bool>,
@@ -691,10 +329,10 @@ impl AuditWriter {
     pub fn spawn(
         audit: Audit,
         abort: CancellationToken,
-        flushes: FlushMetrics,
+        metrics: Arc<Metrics>,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (queue, jobs) = mpsc::channel(4 * MAX_FLUSH);
-        let task = tokio::spawn(write_loop(audit, jobs, abort, flushes));
+        let task = tokio::spawn(write_loop(audit, jobs, abort, metrics));
         (Self { queue }, task)
     }
 
@@ -709,18 +347,11 @@ impl AuditWriter {
     }
 }
 
-/// How long each audit flush took, and how many records it committed.
-#[derive(Clone, Debug)]
-pub struct FlushMetrics {
-    pub seconds: Histogram,
-    pub records: Histogram,
-}
-
 async fn write_loop(
     audit: Audit,
     mut queue: mpsc::Receiver<Job>,
     abort: CancellationToken,
-    flushes: FlushMetrics,
+    metrics: Arc<Metrics>,
 ) {
     let kept = audit.kept_for_writes();
     let mut jobs = Vec::with_capacity(MAX_FLUSH);
@@ -733,8 +364,7 @@ async fn write_loop(
             })
             .await
             .is_some();
-        flushes.seconds.observe(started.elapsed().as_secs_f64());
-        flushes.records.observe(jobs.len() as f64);
+        metrics.audit_flushed(started.elapsed(), jobs.len());
         for job in jobs.drain(..) {
             let _ = job.done.send(committed);
         }
@@ -744,6 +374,7 @@ async fn write_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::Outcome;
 
     fn record(id: &str) -> FinalRecord {
         FinalRecord {

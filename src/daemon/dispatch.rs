@@ -2,14 +2,17 @@
 //! `CONCURRENCY` API calls in flight across the whole daemon, and the 401
 //! pause that keeps bad credentials from failing anybody's request.
 
-use crate::api::{Attempt, ErrorKind, TerminateClient, Verdict};
-use crate::domain::{Outcome, TerminationRequest};
-use crate::observe::{Metrics, StatusLabel};
+use crate::aom::TerminateClient;
+use crate::aom::auth::AuthError;
+use crate::domain::{Attempt, ErrorKind, Outcome, TerminationRequest, Verdict};
+use crate::metrics::Metrics;
 use crate::retry::{ProbeSchedule, RetryPolicy};
+use std::future::Future;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Where a request ended.
@@ -21,10 +24,35 @@ pub struct Dispatched {
     pub outcome: Option<Outcome>,
 }
 
+/// The terminate API as the dispatcher sees it: one call, and a way to
+/// say that a credential was refused. [`TerminateClient`] in the daemon; a
+/// scripted fake in the unit tests.
+pub trait Api: Send + Sync + 'static {
+    /// One attempt; `Err` only when no credential could be had (no call made).
+    fn terminate(
+        &self,
+        req: &TerminationRequest,
+    ) -> impl Future<Output = Result<Attempt, AuthError>> + Send;
+
+    /// The API answered 401 to a call made with `generation`: whether a new
+    /// credential may now be available (worth one immediate retry).
+    fn rejected(&self, generation: u64) -> bool;
+}
+
+impl Api for TerminateClient {
+    async fn terminate(&self, req: &TerminationRequest) -> Result<Attempt, AuthError> {
+        TerminateClient::terminate(self, req).await
+    }
+
+    fn rejected(&self, generation: u64) -> bool {
+        self.auth().rejected(generation)
+    }
+}
+
 type Limiter = governor::DefaultDirectRateLimiter;
 
-pub struct Dispatcher {
-    client: TerminateClient,
+pub struct Dispatcher<A> {
+    api: A,
     policy: RetryPolicy,
     calls: Arc<Semaphore>,
     /// `RATE_LIMIT`: call starts per second, across the daemon.
@@ -42,9 +70,9 @@ pub struct Dispatcher {
     abort: CancellationToken,
 }
 
-impl Dispatcher {
+impl<A: Api> Dispatcher<A> {
     pub fn new(
-        client: TerminateClient,
+        api: A,
         policy: RetryPolicy,
         concurrency: usize,
         rate_limit: Option<NonZeroU32>,
@@ -59,7 +87,7 @@ impl Dispatcher {
             governor::RateLimiter::direct(governor::Quota::per_second(r).allow_burst(burst))
         });
         Self {
-            client,
+            api,
             policy,
             calls: Arc::new(Semaphore::new(concurrency)),
             limiter,
@@ -142,7 +170,7 @@ impl Dispatcher {
                     // one immediate retry; otherwise pause and probe.
                     if !auth_retried {
                         auth_retried = true;
-                        if self.client.auth().rejected(generation).await {
+                        if self.api.rejected(generation) {
                             continue;
                         }
                     }
@@ -184,7 +212,7 @@ impl Dispatcher {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
             match until {
-                Some(t) if t > Instant::now() => tokio::time::sleep_until(t.into()).await,
+                Some(t) if t > Instant::now() => tokio::time::sleep_until(t).await,
                 _ => break,
             }
         }
@@ -205,20 +233,12 @@ impl Dispatcher {
                 return Call::Aborted; // the semaphore is never closed
             };
             self.pace().await;
-            let m = &self.metrics;
-            m.in_flight.inc();
-            let answer = self.client.terminate(req).await;
-            m.in_flight.dec();
+            self.metrics.call_started();
+            let answer = self.api.terminate(req).await;
+            self.metrics.call_ended();
             match answer {
                 Ok(attempt) => {
-                    m.attempts.inc();
-                    let status = match (attempt.http_status, attempt.error_kind) {
-                        (Some(code), _) => code.to_string(),
-                        (None, Some(kind)) => kind.as_str().to_owned(),
-                        (None, None) => "unknown".to_owned(),
-                    };
-                    m.api_calls.get_or_create(&StatusLabel { status }).inc();
-                    m.api_latency.observe(attempt.latency.as_secs_f64());
+                    self.metrics.answered(&attempt);
                     Call::Answered(attempt)
                 }
                 Err(e) => Call::NoCredential(e),
@@ -260,7 +280,7 @@ impl Dispatcher {
                 Call::Answered(attempt) if attempt.verdict == Verdict::Unauthorized => {
                     // Let the source refresh (re-read the file, renew the
                     // IAM token) before the next probe.
-                    self.client.auth().rejected(attempt.auth_generation).await;
+                    self.api.rejected(attempt.auth_generation);
                     self.gate.probe_failed("the AOM API still answers 401");
                     attempts.push(attempt);
                 }
@@ -275,7 +295,7 @@ impl Dispatcher {
 
 enum Call {
     Answered(Attempt),
-    NoCredential(crate::auth::AuthError),
+    NoCredential(AuthError),
     Aborted,
 }
 

@@ -2,8 +2,9 @@
 //! queue and why, and sending chosen requests again, each with a fresh
 //! request_id linked to the original (`replay_of`) so the audit keeps both.
 
-use crate::broker::{Admin, Taken};
-use crate::config::{BrokerArgs, ConfigError};
+use crate::broker::Admin;
+use crate::domain::{Item, Letter, ParsedMessage, WireRequest};
+use crate::settings::{AmqpSettings, BrokerArgs, ConfigError};
 use clap::{Args, Subcommand, ValueEnum};
 use std::collections::BTreeMap;
 
@@ -56,48 +57,6 @@ pub enum Format {
 pub enum Reason {
     FailedRetriesExhausted,
     Rejected,
-}
-
-/// One dead letter, described from its headers (and body).
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Letter {
-    /// `failed_retries_exhausted`, `rejected`, or `broker:<reason>` for a
-    /// message the broker dead-lettered itself (its delivery limit).
-    pub reason: String,
-    pub request_id: Option<String>,
-    pub workflow_id: Option<String>,
-    pub execution_id: Option<String>,
-    pub http_status: Option<String>,
-    pub error_code: Option<String>,
-    pub error: Option<String>,
-    pub dead_lettered_at: Option<String>,
-    pub source_message_id: Option<String>,
-}
-
-impl Letter {
-    pub fn describe(headers: &BTreeMap<String, String>, body: &[u8]) -> Letter {
-        let h = |k: &str| headers.get(k).cloned();
-        let reason = match (h("x-aom-outcome"), h("x-first-death-reason")) {
-            (Some(outcome), _) => outcome,
-            (None, Some(broker)) => format!("broker:{broker}"),
-            (None, None) => "unknown".to_owned(),
-        };
-        let json: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
-        let field = |k: &str| json.get(k).and_then(|v| v.as_str()).map(str::to_owned);
-        Letter {
-            reason,
-            request_id: h("x-aom-request-id").or_else(|| field("request_id")),
-            workflow_id: field("workflow_id"),
-            execution_id: field("execution_id"),
-            http_status: h("x-aom-http-status"),
-            error_code: h("x-aom-error-code"),
-            error: h("x-aom-error-msg")
-                .or_else(|| h("x-aom-error"))
-                .or_else(|| h("x-aom-rejections")),
-            dead_lettered_at: h("x-aom-dead-lettered-at"),
-            source_message_id: h("x-aom-source-message-id"),
-        }
-    }
 }
 
 pub async fn run(args: DeadLettersArgs) -> anyhow::Result<()> {
@@ -184,7 +143,7 @@ struct Filter {
 
 async fn replay(
     admin: &Admin,
-    settings: &crate::config::AmqpSettings,
+    settings: &AmqpSettings,
     filter: &Filter,
     limit: usize,
     dry_run: bool,
@@ -197,7 +156,7 @@ async fn replay(
             break;
         };
         let letter = Letter::describe(&taken.headers, &taken.body);
-        if letter.reason != "failed_retries_exhausted" {
+        if !letter.is_exhausted() {
             keep(&letter.reason);
             continue;
         }
@@ -205,7 +164,7 @@ async fn replay(
             keep("other workflow");
             continue;
         }
-        let Some(body) = replay_body(&taken, &stamp) else {
+        let Some(body) = replay_body(&taken.body, &stamp) else {
             keep("unreadable body");
             continue;
         };
@@ -215,7 +174,7 @@ async fn replay(
                 letter.request_id.as_deref().unwrap_or("-")
             );
         } else {
-            admin.publish(&settings.queue, body.as_bytes()).await?;
+            admin.publish(&settings.queue, &body).await?;
             taken.ack().await?;
             println!("replayed {}", letter.request_id.as_deref().unwrap_or("-"));
         }
@@ -236,17 +195,19 @@ async fn replay(
     Ok(())
 }
 
-/// The dead letter's request with a fresh request_id and `replay_of`.
-fn replay_body(taken: &Taken, stamp: &str) -> Option<String> {
-    let mut json: serde_json::Value = serde_json::from_slice(&taken.body).ok()?;
-    let obj = json.as_object_mut()?;
-    let original = obj.get("request_id")?.as_str()?.to_owned();
-    obj.insert(
-        "request_id".to_owned(),
-        serde_json::Value::String(format!("{original}:replay:{stamp}")),
-    );
-    obj.insert("replay_of".to_owned(), serde_json::Value::String(original));
-    Some(json.to_string())
+/// The dead letter's request with a fresh request_id and `replay_of` set
+/// to the original's; `None` if the body is not one valid request.
+fn replay_body(body: &[u8], stamp: &str) -> Option<Vec<u8>> {
+    let ParsedMessage::Requests(mut items) = ParsedMessage::parse(body, None) else {
+        return None;
+    };
+    let (1, Item::Valid(mut request)) = (items.len(), items.pop()?) else {
+        return None;
+    };
+    let original = std::mem::take(&mut request.request_id);
+    request.request_id = format!("{original}:replay:{stamp}");
+    request.replay_of = Some(original);
+    Some(WireRequest::from(&request).to_body())
 }
 
 #[cfg(test)]
@@ -254,28 +215,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn letters_say_why_they_are_there() {
-        let mut h = BTreeMap::new();
-        h.insert(
-            "x-aom-outcome".to_owned(),
-            "failed_retries_exhausted".to_owned(),
-        );
-        h.insert("x-aom-http-status".to_owned(), "500".to_owned());
-        let body = br#"{"request_id":"r1","workflow_id":"w","execution_id":"e"}"#;
-        let l = Letter::describe(&h, body);
-        assert_eq!(l.reason, "failed_retries_exhausted");
-        assert_eq!(l.request_id.as_deref(), Some("r1"));
-        assert_eq!(l.workflow_id.as_deref(), Some("w"));
-        assert_eq!(l.http_status.as_deref(), Some("500"));
-
-        let mut h = BTreeMap::new();
-        h.insert(
-            "x-first-death-reason".to_owned(),
-            "delivery_limit".to_owned(),
-        );
-        assert_eq!(
-            Letter::describe(&h, b"junk").reason,
-            "broker:delivery_limit"
-        );
+    fn a_replay_is_a_new_request_linked_to_the_original() {
+        let body = br#"{"request_id":"r1","project_id":"0123456789abcdef0123456789abcdef","workflow_id":"w","execution_id":"e","reason":"x"}"#;
+        let replayed = replay_body(body, "20261201T000000000Z").expect("replayable");
+        let ParsedMessage::Requests(items) = ParsedMessage::parse(&replayed, None) else {
+            panic!("unreadable replay")
+        };
+        let [Item::Valid(r)] = items.as_slice() else {
+            panic!("{items:?}")
+        };
+        assert_eq!(r.request_id, "r1:replay:20261201T000000000Z");
+        assert_eq!(r.replay_of.as_deref(), Some("r1"));
+        assert_eq!(r.reason.as_deref(), Some("x"));
+        assert_eq!(replay_body(b"junk", "t"), None);
     }
 }

@@ -119,12 +119,9 @@ fn read(path: &Path) -> Result<(HeaderValue, Option<(SystemTime, u64)>), AuthErr
         reason,
     };
     let stamp = stamp(path);
-    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
-    let token = text.trim();
-    if token.is_empty() || token.len() > 40960 {
-        return Err(fail("the token must be 1..40960 characters".to_owned()));
-    }
-    let token = header(token).ok_or_else(|| fail("not a valid header value".to_owned()))?;
+    let token = crate::settings::auth::read_token_file(path).map_err(fail)?;
+    let token =
+        header(token.expose_secret()).ok_or_else(|| fail("not a valid header value".to_owned()))?;
     Ok((token, stamp))
 }
 

@@ -11,12 +11,13 @@ pub mod aksk;
 pub mod iam;
 pub mod token;
 
+use crate::settings::{AkSkSettings, AuthSettings};
 use chrono::Utc;
 use reqwest::header::{HeaderName, HeaderValue};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 use std::sync::Arc;
 
-pub use iam::{IamSettings, IamTokens, ProjectScope};
+pub use iam::IamTokens;
 pub use token::TokenSource;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -25,45 +26,6 @@ pub enum AuthError {
     TokenFile { path: String, reason: String },
     #[error("IAM token request failed: {0}")]
     Iam(String),
-    #[error("{0}")]
-    Request(String),
-}
-
-/// AK/SK credentials. `Debug` shows the access key only.
-#[derive(Clone)]
-pub struct AkSkSettings {
-    pub access_key: String,
-    pub secret_key: SecretString,
-    pub security_token: Option<SecretString>,
-}
-
-impl std::fmt::Debug for AkSkSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AkSkSettings")
-            .field("access_key", &self.access_key)
-            .field("temporary", &self.security_token.is_some())
-            .finish_non_exhaustive()
-    }
-}
-
-/// How the daemon authenticates: exactly one mode.
-#[derive(Debug, Clone)]
-pub enum AuthSettings {
-    Token(SecretString),
-    TokenFile(std::path::PathBuf),
-    Iam(IamSettings),
-    AkSk(AkSkSettings),
-}
-
-impl AuthSettings {
-    pub fn mode(&self) -> &'static str {
-        match self {
-            AuthSettings::Token(_) => "token",
-            AuthSettings::TokenFile(_) => "token file",
-            AuthSettings::Iam(_) => "IAM password",
-            AuthSettings::AkSk(_) => "AK/SK signing",
-        }
-    }
 }
 
 /// What a call is, for the signer.
@@ -130,7 +92,7 @@ impl Auth {
     /// The API answered 401 to a call made with `generation`. Returns
     /// whether a new credential may now be available, so that one immediate
     /// retry is worth making before pausing.
-    pub async fn rejected(&self, generation: u64) -> bool {
+    pub fn rejected(&self, generation: u64) -> bool {
         match self {
             Auth::Token(source) => source.rejected(generation),
             Auth::Iam(iam) => iam.rejected(generation),

@@ -178,8 +178,9 @@ mod tests {
     /// Every vector made by `huaweicloudsdkcore`'s own signer, reproduced.
     #[test]
     fn reproduces_the_sdk_vectors() {
-        let file: File = serde_json::from_str(include_str!("../../tests/data/aksk/vectors.json"))
-            .expect("vectors.json parses");
+        let file: File =
+            serde_json::from_str(include_str!("../../../tests/data/aksk/vectors.json"))
+                .expect("vectors.json parses");
         assert!(
             file.vectors.len() >= 10,
             "SDK {}: too few vectors",

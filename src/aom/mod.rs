@@ -1,0 +1,10 @@
+//! The AOM adapter: the only place (with the sandbox and the broker's
+//! management client) that names `reqwest`. It sends one terminate call,
+//! classifies the answer, and authenticates calls in the three ways real
+//! deployments use.
+
+pub mod auth;
+pub mod classify;
+mod client;
+
+pub use client::{ApiError, TerminateClient};

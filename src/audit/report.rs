@@ -1,0 +1,181 @@
+//! The report's queries: what happened, from the audit.
+
+use crate::domain::Outcome;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use std::time::Duration;
+
+use super::AuditError;
+use crate::settings::{ConfigError, DatabaseSettings};
+
+/// Which outcomes a report covers.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Finished at or after this time.
+    pub since: Option<DateTime<Utc>>,
+    pub workflow: Option<String>,
+    pub requested_by: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub total: i64,
+    pub outcomes: Vec<Count>,
+    pub errors: Vec<ErrorCount>,
+    pub workflows: Vec<WorkflowCount>,
+    pub latency_ms: Latency,
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct Count {
+    pub outcome: String,
+    pub count: i64,
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct ErrorCount {
+    pub outcome: String,
+    pub http_status: Option<i32>,
+    pub error_code: Option<String>,
+    pub count: i64,
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct WorkflowCount {
+    pub project_id: Option<String>,
+    pub workflow_id: Option<String>,
+    pub total: i64,
+    pub succeeded: i64,
+    pub failed: i64,
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct Latency {
+    pub calls: i64,
+    pub p50: Option<f64>,
+    pub p95: Option<f64>,
+    pub p99: Option<f64>,
+}
+
+/// A request that did not succeed, as `report --failed` lists it.
+#[derive(Debug, sqlx::FromRow)]
+pub struct Failed {
+    pub project_id: String,
+    pub workflow_id: String,
+    pub execution_id: String,
+    pub reason: Option<String>,
+    pub requested_by: Option<String>,
+}
+
+/// The filter every query shares: `$1` since, `$2` workflow, `$3` requested_by.
+const FILTER: &str = "($1::timestamptz IS NULL OR o.finished_at >= $1) \
+     AND ($2::text IS NULL OR o.workflow_id = $2) \
+     AND ($3::text IS NULL OR o.requested_by = $3)";
+
+/// A connection pool for one report.
+pub struct Reports {
+    pool: PgPool,
+}
+
+impl Reports {
+    pub async fn connect(settings: &DatabaseSettings) -> Result<Self, ReportError> {
+        let options = super::connect_options(settings)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await
+            .map_err(|e| ReportError::Connect(AuditError::Query(e)))?;
+        Ok(Self { pool })
+    }
+
+    pub async fn summary(&self, f: &Filter) -> Result<Summary, AuditError> {
+        let succeeded = Outcome::Succeeded.as_str();
+        let outcomes: Vec<Count> = self
+            .query_as(&format!(
+                "SELECT o.outcome, count(*) AS count FROM termination_outcomes o WHERE {FILTER} \
+                 GROUP BY o.outcome ORDER BY count DESC"
+            ), f)
+            .await?;
+        let errors: Vec<ErrorCount> = self
+            .query_as(
+                &format!(
+                    "SELECT o.outcome, o.http_status, o.error_code, count(*) AS count \
+                 FROM termination_outcomes o WHERE {FILTER} AND o.outcome <> '{succeeded}' \
+                 GROUP BY 1, 2, 3 ORDER BY count DESC LIMIT 20"
+                ),
+                f,
+            )
+            .await?;
+        let workflows: Vec<WorkflowCount> = self
+            .query_as(
+                &format!(
+                    "SELECT o.project_id, o.workflow_id, count(*) AS total, \
+                   count(*) FILTER (WHERE o.outcome = '{succeeded}') AS succeeded, \
+                   count(*) FILTER (WHERE o.outcome <> '{succeeded}') AS failed \
+                 FROM termination_outcomes o WHERE {FILTER} \
+                 GROUP BY 1, 2 ORDER BY total DESC LIMIT 20"
+                ),
+                f,
+            )
+            .await?;
+        let latency: Latency = sqlx::query_as(&format!(
+            "SELECT count(*) AS calls, \
+               percentile_cont(0.5) WITHIN GROUP (ORDER BY a.latency_ms) AS p50, \
+               percentile_cont(0.95) WITHIN GROUP (ORDER BY a.latency_ms) AS p95, \
+               percentile_cont(0.99) WITHIN GROUP (ORDER BY a.latency_ms) AS p99 \
+             FROM termination_attempts a JOIN termination_outcomes o USING (request_id) \
+             WHERE {FILTER} AND a.http_status IS NOT NULL"
+        ))
+        .bind(f.since)
+        .bind(&f.workflow)
+        .bind(&f.requested_by)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Summary {
+            total: outcomes.iter().map(|c| c.count).sum(),
+            outcomes,
+            errors,
+            workflows,
+            latency_ms: latency,
+        })
+    }
+
+    /// The requests that did not succeed and name a whole execution.
+    pub async fn failed(&self, f: &Filter) -> Result<Vec<Failed>, AuditError> {
+        let succeeded = Outcome::Succeeded.as_str();
+        self.query_as(
+            &format!(
+                "SELECT o.project_id, o.workflow_id, o.execution_id, o.reason, o.requested_by \
+                 FROM termination_outcomes o WHERE {FILTER} AND o.outcome <> '{succeeded}' \
+                   AND o.project_id IS NOT NULL AND o.workflow_id IS NOT NULL \
+                   AND o.execution_id IS NOT NULL \
+                 ORDER BY o.project_id, o.workflow_id, o.execution_id"
+            ),
+            f,
+        )
+        .await
+    }
+
+    async fn query_as<T>(&self, sql: &str, f: &Filter) -> Result<Vec<T>, AuditError>
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+    {
+        Ok(sqlx::query_as(sql)
+            .bind(f.since)
+            .bind(&f.workflow)
+            .bind(&f.requested_by)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error(transparent)]
+    Settings(#[from] ConfigError),
+    #[error("cannot connect to the audit database")]
+    Connect(#[source] AuditError),
+}

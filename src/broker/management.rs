@@ -1,0 +1,69 @@
+//! The RabbitMQ management API, for what AMQP cannot tell: how many of a
+//! queue's messages are delivered and not yet acked. Credentials come from
+//! `AMQP_URL`.
+
+use super::Admin;
+use crate::settings::AmqpSettings;
+use std::time::Duration;
+
+/// What is pending in a queue. `unacked` is known only through the
+/// management API; without it, AMQP tells only what is waiting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueCounts {
+    pub ready: Option<u64>,
+    pub unacked: Option<u64>,
+}
+
+/// The counts of `settings.queue`: from the management API at
+/// `management_url` when it answers, else the ready count over AMQP.
+pub async fn queue_counts(settings: &AmqpSettings, management_url: &str) -> QueueCounts {
+    if let Some((ready, unacked)) = from_management(settings, management_url).await {
+        return QueueCounts {
+            ready: Some(ready),
+            unacked: Some(unacked),
+        };
+    }
+    let ready = match Admin::open(settings).await {
+        Ok(admin) => {
+            let depth = admin.depth(&settings.queue).await;
+            admin.close().await;
+            depth
+        }
+        Err(_) => None,
+    };
+    QueueCounts {
+        ready: ready.map(u64::from),
+        unacked: None,
+    }
+}
+
+async fn from_management(settings: &AmqpSettings, management_url: &str) -> Option<(u64, u64)> {
+    let uri = super::uri(settings).ok()?;
+    let encode = |s: &str| {
+        percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+    };
+    let url = format!(
+        "{}/api/queues/{}/{}",
+        management_url.trim_end_matches('/'),
+        encode(&uri.vhost),
+        encode(&settings.queue)
+    );
+    let auth = &uri.authority.userinfo;
+    let resp = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .ok()?
+        .get(url)
+        .basic_auth(&auth.username, Some(&auth.password))
+        .send()
+        .await
+        .ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(&resp.text().await.ok()?).ok()?;
+    Some((
+        v["messages_ready"].as_u64()?,
+        v["messages_unacknowledged"].as_u64()?,
+    ))
+}

@@ -1,0 +1,372 @@
+//! One message, start to settled: parse, skip what is already final,
+//! dispatch the rest, dead-letter what must be, commit every outcome, and
+//! say whether the message may be acked. The daemon acks it.
+//!
+//! The order is what makes "nothing lost" hold: a dead letter is confirmed
+//! before its outcome is committed, and a message is settled only after
+//! every request in it has its outcome committed. A crash between steps
+//! repeats a step (a dead letter, an API call), never skips one.
+//!
+//! The pipeline reaches the audit and the dead-letter queue through two
+//! small traits, [`Store`] and [`Letters`], so that its rules can be tested
+//! without a broker or a database (see `daemon::tests`).
+
+use super::dispatch::{Api, Dispatcher};
+use super::in_flight::{Claim, InFlight, follow};
+use crate::audit::{FinalRecord, Record};
+use crate::domain::{
+    DeadLetter, Item, Message, Outcome, ParsedMessage, Rejection, TerminationRequest,
+};
+use crate::metrics::Metrics;
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+
+/// What the pipeline needs of the audit. Each call retries until it
+/// succeeds or the shutdown grace runs out (then `false` or `None`).
+pub trait Store: Send + Sync + 'static {
+    /// Commit one record; `true` once it is committed.
+    fn commit(&self, record: Record) -> impl Future<Output = bool> + Send;
+    /// The ids among `ids` with a final outcome other than `rejected`.
+    fn already_final(
+        &self,
+        ids: Vec<String>,
+    ) -> impl Future<Output = Option<HashSet<String>>> + Send;
+    /// How many attempts each of `ids` already has on record.
+    fn attempts_recorded(
+        &self,
+        ids: &[String],
+    ) -> impl Future<Output = Option<HashMap<String, u32>>> + Send;
+}
+
+/// What the pipeline needs of the dead-letter queue.
+pub trait Letters: Send + Sync + 'static {
+    /// Publish until the broker confirms it; `false` if the shutdown grace
+    /// runs out first.
+    fn publish(&self, letter: &DeadLetter) -> impl Future<Output = bool> + Send;
+}
+
+/// What became of a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handled {
+    /// Every request in it has its outcome committed: ack it.
+    Settled,
+    /// Something is not committed (shutdown, a dead letter not confirmed):
+    /// leave it unacked, and the broker redelivers it.
+    Unsettled,
+}
+
+pub struct Pipeline<S, L, A> {
+    pub dispatcher: Dispatcher<A>,
+    pub store: S,
+    pub letters: L,
+    pub in_flight: InFlight,
+    pub concurrency: usize,
+    pub source_queue: String,
+    pub metrics: Arc<Metrics>,
+}
+
+/// What the message is, for every record made from it.
+struct Context<'a> {
+    message: &'a Message,
+    received_at: DateTime<Utc>,
+}
+
+impl<S: Store, L: Letters, A: Api> Pipeline<S, L, A> {
+    /// Take one message as far as it can go.
+    pub async fn handle(&self, message: &Message, parsed: ParsedMessage) -> Handled {
+        let cx = Context {
+            message,
+            received_at: Utc::now(),
+        };
+        let complete = match parsed {
+            ParsedMessage::Unreadable(rejection) => {
+                tracing::warn!(
+                    request_id = %rejection.request_id,
+                    error = %rejection.error,
+                    "rejected an unreadable message"
+                );
+                let letter = DeadLetter::rejected(
+                    &message.source(),
+                    &[(0, &rejection)],
+                    Some(&rejection.error),
+                );
+                self.reject(&cx, letter, vec![rejection]).await
+            }
+            ParsedMessage::Requests(items) => {
+                let mut valid = Vec::with_capacity(items.len());
+                let mut invalid = Vec::new();
+                for (index, item) in items.into_iter().enumerate() {
+                    match item {
+                        Item::Valid(r) => valid.push(r),
+                        Item::Invalid(r) => invalid.push((index, r)),
+                    }
+                }
+                let rejected_ok = invalid.is_empty() || {
+                    for (index, r) in &invalid {
+                        tracing::warn!(
+                            request_id = %r.request_id,
+                            workflow_id = r.workflow_id.as_deref().unwrap_or(""),
+                            execution_id = r.execution_id.as_deref().unwrap_or(""),
+                            index,
+                            error = %r.error,
+                            "rejected a request"
+                        );
+                    }
+                    let refs: Vec<_> = invalid.iter().map(|(i, r)| (*i, r)).collect();
+                    let letter = DeadLetter::rejected(&message.source(), &refs, None);
+                    self.reject(&cx, letter, invalid.into_iter().map(|(_, r)| r).collect())
+                        .await
+                };
+                let valid_ok = self.run(&cx, valid).await;
+                rejected_ok && valid_ok
+            }
+        };
+        if complete {
+            Handled::Settled
+        } else {
+            Handled::Unsettled
+        }
+    }
+
+    /// Dead-letter the raw message (confirmed), then record each rejection.
+    async fn reject(&self, cx: &Context<'_>, letter: DeadLetter, rejected: Vec<Rejection>) -> bool {
+        if !self.letters.publish(&letter).await {
+            return false;
+        }
+        let finished_at = Utc::now();
+        let commits = rejected.into_iter().map(|r| {
+            self.store.commit(Record::Final(Box::new(FinalRecord {
+                request_id: r.request_id,
+                project_id: r.project_id,
+                workflow_id: r.workflow_id,
+                execution_id: r.execution_id,
+                outcome: Outcome::Rejected,
+                http_status: None,
+                error_code: Some("invalid_request".to_owned()),
+                error_msg: Some(r.error),
+                attempts: Vec::new(),
+                attempts_before: 0,
+                reason: r.reason,
+                requested_by: r.requested_by,
+                received_at: cx.received_at,
+                finished_at,
+                redelivered: cx.message.redelivered,
+                message_id: cx.message.message_id.clone(),
+                replay_of: r.replay_of,
+            })))
+        });
+        let committed = futures_util::future::join_all(commits).await;
+        let ok = committed.iter().filter(|ok| **ok).count();
+        self.metrics.finished(Outcome::Rejected, ok as u64);
+        ok == committed.len()
+    }
+
+    /// The valid requests of one message, at most `concurrency` at a time
+    /// from this message (the global call limit is the dispatcher's).
+    async fn run(&self, cx: &Context<'_>, requests: Vec<TerminationRequest>) -> bool {
+        if requests.is_empty() {
+            return true;
+        }
+        // Claim first, look up second: a request that finishes between the
+        // two is then either still claimed (we follow it) or committed (the
+        // lookup sees it). The other order could send it twice.
+        let mut claims: Vec<Claim<'_>> = requests
+            .iter()
+            .map(|r| self.in_flight.claim(&r.request_id))
+            .collect();
+        let leading: Vec<String> = requests
+            .iter()
+            .zip(&claims)
+            .filter(|(_, c)| matches!(c, Claim::Leader(_)))
+            .map(|(r, _)| r.request_id.clone())
+            .collect();
+        let Some((finals, before)) = self.lookup(leading, cx.message.redelivered).await else {
+            return false;
+        };
+        let prepared = |req: &TerminationRequest| {
+            (
+                finals.contains(&req.request_id),
+                before.get(&req.request_id).copied().unwrap_or(0),
+            )
+        };
+        if let [req] = requests.as_slice()
+            && let Some(claim) = claims.pop()
+        {
+            // One request (most messages): no need for the machinery below.
+            let (already_final, attempts_before) = prepared(req);
+            return self
+                .one(cx, req, claim, already_final, attempts_before)
+                .await;
+        }
+        // A hand-rolled buffer_unordered: futures are created only as slots
+        // free up, so a batch of 10,000 holds `concurrency` of them at once.
+        let mut queue = requests.iter().zip(claims);
+        let mut running = FuturesUnordered::new();
+        let mut all_done = true;
+        loop {
+            while running.len() < self.concurrency {
+                let Some((req, claim)) = queue.next() else {
+                    break;
+                };
+                let (already_final, attempts_before) = prepared(req);
+                running.push(self.one(cx, req, claim, already_final, attempts_before));
+            }
+            match running.next().await {
+                Some(done) => all_done &= done,
+                None => return all_done,
+            }
+        }
+    }
+
+    async fn lookup(
+        &self,
+        ids: Vec<String>,
+        redelivered: bool,
+    ) -> Option<(HashSet<String>, HashMap<String, u32>)> {
+        if ids.is_empty() {
+            return Some(Default::default());
+        }
+        // Only a redelivery can have attempts on record from before.
+        let before = if redelivered {
+            self.store.attempts_recorded(&ids).await?
+        } else {
+            HashMap::new()
+        };
+        let finals = self.store.already_final(ids).await?;
+        Some((finals, before))
+    }
+
+    async fn one(
+        &self,
+        cx: &Context<'_>,
+        req: &TerminationRequest,
+        claim: Claim<'_>,
+        already_final: bool,
+        attempts_before: u32,
+    ) -> bool {
+        let skip = || async {
+            let committed = self
+                .store
+                .commit(Record::Skipped {
+                    request_id: req.request_id.clone(),
+                })
+                .await;
+            if committed {
+                self.metrics.skipped_redelivery();
+            }
+            committed
+        };
+        let leader = match claim {
+            Claim::Follower(rx) => {
+                // Someone else is sending this request_id right now.
+                return if follow(rx).await {
+                    tracing::debug!(request_id = %req.request_id, "duplicate in flight; not sent again");
+                    skip().await
+                } else {
+                    false
+                };
+            }
+            Claim::Leader(leader) => leader,
+        };
+        if already_final {
+            tracing::debug!(request_id = %req.request_id, "already final; not sent again");
+            let committed = skip().await;
+            leader.finish(committed);
+            return committed;
+        }
+        let dispatched = self.dispatcher.dispatch(req).await;
+        let Some(outcome) = dispatched.outcome else {
+            if !dispatched.attempts.is_empty() {
+                self.store
+                    .commit(Record::Unfinished {
+                        request_id: req.request_id.clone(),
+                        attempts_before,
+                        attempts: dispatched.attempts,
+                    })
+                    .await;
+            }
+            leader.finish(false);
+            return false;
+        };
+        if outcome == Outcome::FailedRetriesExhausted {
+            let letter = DeadLetter::exhausted(
+                &cx.message.source(),
+                req,
+                &dispatched.attempts,
+                &self.source_queue,
+            );
+            if !self.letters.publish(&letter).await {
+                leader.finish(false);
+                return false;
+            }
+        }
+        let record = final_record(cx, req, outcome, attempts_before, dispatched.attempts);
+        log_outcome(&record);
+        let committed = self.store.commit(Record::Final(Box::new(record))).await;
+        if committed {
+            self.metrics.finished(outcome, 1);
+        }
+        leader.finish(committed);
+        committed
+    }
+}
+
+fn final_record(
+    cx: &Context<'_>,
+    req: &TerminationRequest,
+    outcome: Outcome,
+    attempts_before: u32,
+    attempts: Vec<crate::domain::Attempt>,
+) -> FinalRecord {
+    let last = attempts.last();
+    FinalRecord {
+        request_id: req.request_id.clone(),
+        project_id: Some(req.project_id.to_string()),
+        workflow_id: Some(req.workflow_id.to_string()),
+        execution_id: Some(req.execution_id.to_string()),
+        outcome,
+        http_status: last.and_then(|a| a.http_status),
+        error_code: last.and_then(|a| a.error_code.clone()),
+        error_msg: last.and_then(|a| a.error_msg.clone()),
+        attempts_before,
+        reason: req.reason.clone(),
+        requested_by: req.requested_by.clone(),
+        received_at: cx.received_at,
+        finished_at: Utc::now(),
+        redelivered: cx.message.redelivered,
+        message_id: cx.message.message_id.clone(),
+        replay_of: req.replay_of.clone(),
+        attempts,
+    }
+}
+
+fn log_outcome(r: &FinalRecord) {
+    let kind = r
+        .attempts
+        .last()
+        .and_then(|a| a.error_kind)
+        .map(|k| k.as_str());
+    macro_rules! emit {
+        ($level:ident) => {
+            tracing::$level!(
+                request_id = %r.request_id,
+                workflow_id = r.workflow_id.as_deref().unwrap_or(""),
+                execution_id = r.execution_id.as_deref().unwrap_or(""),
+                outcome = %r.outcome,
+                http_status = r.http_status,
+                error_kind = kind,
+                error_code = r.error_code.as_deref(),
+                attempts = r.attempts.len(),
+                "request finished"
+            )
+        };
+    }
+    match r.outcome {
+        Outcome::Succeeded => emit!(debug),
+        _ => emit!(info),
+    }
+}

@@ -1,0 +1,46 @@
+//! The pipeline's [`Store`] and [`Letters`] as the daemon provides them:
+//! the audit's writer and lookup tasks, and the broker's dead-letter
+//! publisher. Each retries until done, or until the shutdown grace is over.
+
+use super::pipeline::{Letters, Store};
+use crate::audit::{Audit, AuditWriter, FinalLookups, Record};
+use crate::broker::DeadLetters;
+use crate::domain::DeadLetter;
+use std::collections::{HashMap, HashSet};
+use tokio_util::sync::CancellationToken;
+
+pub struct AuditStore {
+    pub writer: AuditWriter,
+    pub lookups: FinalLookups,
+    pub audit: Audit,
+    pub abort: CancellationToken,
+}
+
+impl Store for AuditStore {
+    async fn commit(&self, record: Record) -> bool {
+        self.writer.commit(record).await
+    }
+
+    async fn already_final(&self, ids: Vec<String>) -> Option<HashSet<String>> {
+        self.lookups.already_final(ids).await
+    }
+
+    async fn attempts_recorded(&self, ids: &[String]) -> Option<HashMap<String, u32>> {
+        self.audit
+            .until_done("attempt lookup", &self.abort, || {
+                self.audit.attempts_recorded(ids)
+            })
+            .await
+    }
+}
+
+pub struct BrokerLetters {
+    pub dead_letters: DeadLetters,
+    pub abort: CancellationToken,
+}
+
+impl Letters for BrokerLetters {
+    async fn publish(&self, letter: &DeadLetter) -> bool {
+        self.dead_letters.publish(letter, &self.abort).await
+    }
+}

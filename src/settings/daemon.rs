@@ -1,0 +1,229 @@
+//! The daemon's settings (`aom-terminator run`), checked before anything
+//! starts.
+
+use super::auth::{AuthArgs, AuthSettings, http_url};
+use super::broker::{AmqpSettings, BrokerArgs};
+use super::database::{DatabaseArgs, DatabaseSettings};
+use super::{ConfigError, MetricsAddr, metrics_addr, millis, seconds};
+use clap::Args;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Base URL of the AOM API, e.g. https://aom.cn-north-4.myhuaweicloud.com
+    #[arg(long, env = "AOM_ENDPOINT")]
+    pub aom_endpoint: String,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+    /// Most API calls in flight at once, across all messages.
+    #[arg(long, env = "CONCURRENCY", default_value_t = 64)]
+    pub concurrency: u32,
+    /// Most unacked messages held at once (default: CONCURRENCY).
+    #[arg(long, env = "PREFETCH")]
+    pub prefetch: Option<u16>,
+    /// Most requests parsed and held at once, across messages (default:
+    /// the larger of 10,000 and 16 × CONCURRENCY). Bounds memory when the
+    /// queue holds big batches.
+    #[arg(long, env = "PREFETCH_REQUESTS")]
+    pub prefetch_requests: Option<u32>,
+    /// Most API calls started per second, across the daemon (default: no limit).
+    #[arg(long, env = "RATE_LIMIT")]
+    pub rate_limit: Option<u32>,
+    /// Attempts per request, counting the first (401 answers do not count).
+    #[arg(long, env = "MAX_ATTEMPTS", default_value_t = 5)]
+    pub max_attempts: u32,
+    /// First retry delay cap; a number is milliseconds (`200`, `1s`).
+    #[arg(long, env = "BACKOFF_INITIAL_MS", default_value = "200", value_parser = millis)]
+    pub backoff_initial_ms: Duration,
+    /// Largest retry delay cap; a number is milliseconds.
+    #[arg(long, env = "BACKOFF_MAX_MS", default_value = "10000", value_parser = millis)]
+    pub backoff_max_ms: Duration,
+    /// Timeout of one API call; a number is milliseconds.
+    #[arg(long, env = "HTTP_TIMEOUT_MS", default_value = "10000", value_parser = millis)]
+    pub http_timeout_ms: Duration,
+    /// Address of /metrics, /healthz and /readyz; `off` disables the listener.
+    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9464", value_parser = metrics_addr)]
+    pub metrics_addr: MetricsAddr,
+    /// Time in-flight requests get to finish after SIGTERM; a number is seconds (`30`, `2m`).
+    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "30", value_parser = seconds)]
+    pub shutdown_grace: Duration,
+}
+
+/// Everything the daemon needs, checked.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub amqp: AmqpSettings,
+    pub database: DatabaseSettings,
+    pub endpoint: url::Url,
+    pub auth: AuthSettings,
+    pub concurrency: usize,
+    pub prefetch: u16,
+    pub prefetch_requests: usize,
+    pub rate_limit: Option<NonZeroU32>,
+    pub max_attempts: u32,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub http_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+impl RunArgs {
+    pub fn validate(&self) -> Result<DaemonConfig, ConfigError> {
+        let err = |s: String| Err(ConfigError(s));
+        let amqp = self.broker.settings()?;
+        let endpoint = match url::Url::parse(self.aom_endpoint.trim()) {
+            Ok(u) => match http_url(u.as_str()) {
+                Some(u) => u,
+                None => return err("AOM_ENDPOINT must be an http:// or https:// URL".to_owned()),
+            },
+            Err(e) => return err(format!("AOM_ENDPOINT is not a valid URL: {e}")),
+        };
+        if !endpoint.username().is_empty() || endpoint.password().is_some() {
+            return err("AOM_ENDPOINT must not carry credentials".to_owned());
+        }
+        if endpoint.query().is_some() {
+            return err("AOM_ENDPOINT must not have a query string".to_owned());
+        }
+        let auth = self.auth.validate()?;
+        if !(1..=10_000).contains(&self.concurrency) {
+            return err("CONCURRENCY must be 1..10000".to_owned());
+        }
+        let prefetch = match self.prefetch {
+            Some(0) => return err("PREFETCH must be at least 1".to_owned()),
+            Some(p) => p,
+            None => u16::try_from(self.concurrency).unwrap_or(u16::MAX),
+        };
+        let prefetch_requests = match self.prefetch_requests {
+            Some(0) => return err("PREFETCH_REQUESTS must be at least 1".to_owned()),
+            Some(n) => n as usize,
+            None => (16 * self.concurrency as usize).max(10_000),
+        };
+        let rate_limit = match self.rate_limit {
+            Some(0) => {
+                return err("RATE_LIMIT must be at least 1 (unset it for no limit)".to_owned());
+            }
+            Some(n) => NonZeroU32::new(n),
+            None => None,
+        };
+        if self.max_attempts == 0 {
+            return err("MAX_ATTEMPTS must be at least 1".to_owned());
+        }
+        if self.backoff_initial_ms.is_zero() || self.backoff_initial_ms > self.backoff_max_ms {
+            return err("BACKOFF_INITIAL_MS must be above 0 and at most BACKOFF_MAX_MS".to_owned());
+        }
+        if self.http_timeout_ms.is_zero() {
+            return err("HTTP_TIMEOUT_MS must be above 0".to_owned());
+        }
+        Ok(DaemonConfig {
+            amqp,
+            database: self.database.settings()?,
+            endpoint,
+            auth,
+            concurrency: self.concurrency as usize,
+            prefetch,
+            prefetch_requests,
+            rate_limit,
+            max_attempts: self.max_attempts,
+            backoff_initial: self.backoff_initial_ms,
+            backoff_max: self.backoff_max_ms,
+            http_timeout: self.http_timeout_ms,
+            shutdown_grace: self.shutdown_grace,
+            metrics_addr: match self.metrics_addr {
+                MetricsAddr::Off => None,
+                MetricsAddr::At(addr) => Some(addr),
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `run`'s arguments alone, parsed as the command line would be.
+    #[derive(clap::Parser)]
+    #[command(args_override_self = true)]
+    struct Run {
+        #[command(flatten)]
+        args: RunArgs,
+    }
+
+    fn run_args(extra: &[&str]) -> Result<RunArgs, clap::Error> {
+        let mut argv = vec![
+            "run",
+            "--aom-endpoint",
+            "https://aom.example.com",
+            "--aom-auth-token",
+            "tok",
+        ];
+        argv.extend_from_slice(extra);
+        <Run as clap::Parser>::try_parse_from(argv).map(|r| r.args)
+    }
+
+    #[test]
+    fn defaults_validate() {
+        let cfg = run_args(&[]).expect("parses").validate().expect("valid");
+        assert_eq!(cfg.concurrency, 64);
+        assert_eq!(cfg.prefetch, 64, "PREFETCH defaults to CONCURRENCY");
+        assert_eq!(cfg.max_attempts, 5);
+        assert_eq!(cfg.backoff_initial, Duration::from_millis(200));
+        assert_eq!(cfg.backoff_max, Duration::from_secs(10));
+        assert_eq!(cfg.http_timeout, Duration::from_secs(10));
+        assert_eq!(cfg.shutdown_grace, Duration::from_secs(30));
+        assert_eq!(cfg.amqp.queue, "aom.terminate.requests");
+        assert_eq!(cfg.amqp.dead_letter_queue, "aom.terminate.dead");
+        assert_eq!((cfg.amqp.host.as_str(), cfg.amqp.port), ("127.0.0.1", 5672));
+        assert_eq!(cfg.amqp.vhost, "/");
+    }
+
+    #[test]
+    fn durations_take_numbers_or_humantime() {
+        use crate::settings::{millis, seconds};
+        assert_eq!(seconds("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(seconds("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(millis("250"), Ok(Duration::from_millis(250)));
+        assert_eq!(millis("1s"), Ok(Duration::from_secs(1)));
+        assert!(seconds("soon").is_err());
+    }
+
+    #[test]
+    fn bad_values_are_named_and_secrets_are_not_echoed() {
+        let error = |extra: &[&str]| {
+            run_args(extra)
+                .expect("parses")
+                .validate()
+                .expect_err("must be refused")
+                .0
+        };
+        let msg = error(&["--amqp-url", "nonsense://user:hunter2@h"]);
+        assert!(msg.contains("AMQP_URL"), "{msg}");
+        assert!(!msg.contains("hunter2"), "{msg}");
+        assert!(error(&["--concurrency", "0"]).contains("CONCURRENCY"));
+        assert!(error(&["--backoff-initial-ms", "20000"]).contains("BACKOFF_INITIAL_MS"));
+        assert!(error(&["--aom-endpoint", "ftp://x"]).contains("AOM_ENDPOINT"));
+        assert!(error(&["--database-url", "mysql://x"]).contains("DATABASE_URL"));
+
+        let cfg = run_args(&[
+            "--aom-auth-token",
+            "s3cr3t-token",
+            "--database-url",
+            "postgres://u:pgpass@db/x",
+        ])
+        .expect("parses")
+        .validate()
+        .expect("valid");
+        let debug = format!("{cfg:?}");
+        assert!(debug.contains("aom.example.com"), "{debug}");
+        assert!(
+            !debug.contains("s3cr3t-token") && !debug.contains("guest:guest"),
+            "{debug}"
+        );
+        assert!(!debug.contains("pgpass"), "{debug}");
+    }
+}
