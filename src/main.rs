@@ -10,7 +10,7 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    // One crypto provider for every TLS user (reqwest, lapin), chosen before
+    // One crypto provider for every TLS user (the API and broker clients), chosen before
     // any connection; an error only means it is already installed.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 

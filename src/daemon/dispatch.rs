@@ -100,6 +100,11 @@ impl<A: Api> Dispatcher<A> {
         }
     }
 
+    /// The API this dispatcher calls.
+    pub fn api(&self) -> &A {
+        &self.api
+    }
+
     /// Attempts until a final verdict, attempts run out, or shutdown.
     pub async fn dispatch(&self, req: &TerminationRequest) -> Dispatched {
         let mut attempts = Vec::new();

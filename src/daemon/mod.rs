@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// How often the supervisor checks that the connection is still alive (the
-/// heartbeat notices a dead peer; this notices that lapin has noticed).
+/// heartbeat notices a dead peer; this notices that the broker adapter has).
 const LIVENESS_CHECK: Duration = Duration::from_secs(2);
 
 /// The pipeline as the daemon runs it: the audit in Postgres, dead letters

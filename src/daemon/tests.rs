@@ -1,1 +1,523 @@
+//! The pipeline's rules and the dispatcher, driven without RabbitMQ or
+//! Postgres: in-memory fakes for the audit, the dead-letter queue, the ack
+//! and the API (on tokio's paused clock, so schedules are exact), and once
+//! the real client against the in-process sandbox.
 
+use super::in_flight::InFlight;
+use super::*;
+use crate::aom::auth::AuthError;
+use crate::audit::Record;
+use crate::domain::{Attempt, DeadLetter, ErrorKind, Header, TerminationRequest, Verdict};
+use crate::sandbox::{Sandbox, SandboxArgs};
+use crate::settings::AuthSettings;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Mutex;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+const PROJECT: &str = "0123456789abcdef0123456789abcdef";
+
+/// What happened, in order, across every fake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Event {
+    /// A dead letter confirmed, by the request it is about (or `rejected`).
+    DeadLettered(String),
+    /// An outcome committed: request id and outcome (`skipped` for a skip).
+    Committed(String, String),
+    Acked,
+}
+
+#[derive(Default)]
+struct Log(Mutex<Vec<Event>>);
+
+impl Log {
+    fn push(&self, e: Event) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(e);
+    }
+
+    fn events(&self) -> Vec<Event> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+struct FakeStore {
+    log: Arc<Log>,
+    commits_fail: bool,
+    finals: HashSet<String>,
+}
+
+impl Store for FakeStore {
+    async fn commit(&self, record: Record) -> bool {
+        if self.commits_fail {
+            return false;
+        }
+        let (id, what) = match record {
+            Record::Final(f) => (f.request_id, f.outcome.as_str().to_owned()),
+            Record::Skipped { request_id } => (request_id, "skipped".to_owned()),
+            Record::Unfinished { request_id, .. } => (request_id, "unfinished".to_owned()),
+        };
+        self.log.push(Event::Committed(id, what));
+        true
+    }
+
+    async fn already_final(&self, ids: Vec<String>) -> Option<HashSet<String>> {
+        Some(
+            ids.into_iter()
+                .filter(|id| self.finals.contains(id))
+                .collect(),
+        )
+    }
+
+    async fn attempts_recorded(&self, _ids: &[String]) -> Option<HashMap<String, u32>> {
+        Some(HashMap::new())
+    }
+}
+
+struct FakeLetters {
+    log: Arc<Log>,
+    confirmed: bool,
+}
+
+impl Letters for FakeLetters {
+    async fn publish(&self, letter: &DeadLetter) -> bool {
+        if !self.confirmed {
+            return false;
+        }
+        let about = letter
+            .headers
+            .iter()
+            .find_map(|(name, value)| match (name, value) {
+                (&"x-aom-request-id", Header::Text(id)) => Some(id.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| "rejected".to_owned());
+        self.log.push(Event::DeadLettered(about));
+        true
+    }
+}
+
+struct FakeAck(Arc<Log>);
+
+impl Acknowledge for FakeAck {
+    fn ack(self) {
+        self.0.push(Event::Acked);
+    }
+}
+
+/// Answers by execution id from a script (then 200), records each call's
+/// time, and can hold calls until released.
+#[derive(Default)]
+struct FakeApi {
+    script: Mutex<HashMap<String, VecDeque<u16>>>,
+    calls: Mutex<Vec<(String, Instant)>>,
+    /// Set: every call waits for a `notify_one` before answering.
+    hold: Option<Arc<Notify>>,
+    /// What `rejected` answers: whether a new credential is to be had.
+    renews: bool,
+    called: Notify,
+}
+
+impl FakeApi {
+    fn scripted(script: &[(&str, &[u16])]) -> Self {
+        FakeApi {
+            script: Mutex::new(
+                script
+                    .iter()
+                    .map(|(ex, codes)| (ex.to_string(), codes.iter().copied().collect()))
+                    .collect(),
+            ),
+            ..FakeApi::default()
+        }
+    }
+
+    fn calls(&self) -> Vec<(String, Instant)> {
+        self.calls.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// An attempt as the AOM adapter classifies `status` (429 asks for 2 s).
+fn answer(status: u16) -> Attempt {
+    let (verdict, error_kind) = match status {
+        200..=299 => (Verdict::Succeeded, None),
+        401 => (Verdict::Unauthorized, Some(ErrorKind::Unauthorized)),
+        429 => (
+            Verdict::Retryable {
+                retry_after: Some(Duration::from_secs(2)),
+            },
+            Some(ErrorKind::Throttled),
+        ),
+        400..=499 => (Verdict::Permanent, Some(ErrorKind::ClientError)),
+        _ => (
+            Verdict::Retryable { retry_after: None },
+            Some(ErrorKind::ServerError),
+        ),
+    };
+    Attempt {
+        started_at: chrono::Utc::now(),
+        latency: Duration::ZERO,
+        http_status: Some(status),
+        error_kind,
+        error_code: None,
+        error_msg: None,
+        body_excerpt: None,
+        verdict,
+        auth_generation: 0,
+    }
+}
+
+impl Api for FakeApi {
+    async fn terminate(&self, req: &TerminationRequest) -> Result<Attempt, AuthError> {
+        let ex = req.execution_id.as_str().to_owned();
+        self.calls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((ex.clone(), Instant::now()));
+        self.called.notify_waiters();
+        if let Some(hold) = &self.hold {
+            hold.notified().await;
+        }
+        let status = self
+            .script
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&ex)
+            .and_then(VecDeque::pop_front)
+            .unwrap_or(200);
+        Ok(answer(status))
+    }
+
+    fn rejected(&self, _generation: u64) -> bool {
+        self.renews
+    }
+}
+
+struct World<A> {
+    pipeline: Pipeline<FakeStore, FakeLetters, A>,
+    log: Arc<Log>,
+}
+
+fn world<A: Api>(
+    api: A,
+    max_attempts: u32,
+    tune: impl FnOnce(&mut FakeStore, &mut FakeLetters),
+) -> World<A> {
+    let log = Arc::new(Log::default());
+    let mut store = FakeStore {
+        log: Arc::clone(&log),
+        commits_fail: false,
+        finals: HashSet::new(),
+    };
+    let mut letters = FakeLetters {
+        log: Arc::clone(&log),
+        confirmed: true,
+    };
+    tune(&mut store, &mut letters);
+    let metrics = Arc::new(Metrics::new());
+    let policy = RetryPolicy {
+        initial: Duration::from_millis(10),
+        max: Duration::from_millis(50),
+        max_attempts,
+    };
+    let dispatcher = Dispatcher::new(
+        api,
+        policy,
+        8,
+        None,
+        Arc::clone(&metrics),
+        CancellationToken::new(),
+        CancellationToken::new(),
+    );
+    World {
+        pipeline: Pipeline {
+            dispatcher,
+            store,
+            letters,
+            in_flight: InFlight::default(),
+            concurrency: 8,
+            source_queue: "q".to_owned(),
+            metrics,
+        },
+        log,
+    }
+}
+
+fn message(requests: &[(&str, &str)]) -> Message {
+    let elements: Vec<serde_json::Value> = requests
+        .iter()
+        .map(|(id, ex)| {
+            serde_json::json!({
+                "request_id": id, "project_id": PROJECT, "workflow_id": "wf", "execution_id": ex
+            })
+        })
+        .collect();
+    let body = match elements.as_slice() {
+        [one] => one.to_string(),
+        _ => serde_json::json!({ "requests": elements }).to_string(),
+    };
+    Message {
+        body: body.into_bytes(),
+        message_id: None,
+        redelivered: false,
+    }
+}
+
+async fn run_one<A: Api>(w: &World<A>, msg: Message) -> Handled {
+    let parsed = ParsedMessage::parse(&msg.body, None);
+    work(&w.pipeline, msg, parsed, FakeAck(Arc::clone(&w.log))).await
+}
+
+fn committed(id: &str, outcome: &str) -> Event {
+    Event::Committed(id.to_owned(), outcome.to_owned())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dead_letter_is_confirmed_before_its_outcome_is_committed_and_then_acked() {
+    let w = world(FakeApi::scripted(&[("ex-1", &[500, 500])]), 2, |_, _| {});
+    assert_eq!(
+        run_one(&w, message(&[("r1", "ex-1")])).await,
+        Handled::Settled
+    );
+    assert_eq!(
+        w.log.events(),
+        vec![
+            Event::DeadLettered("r1".to_owned()),
+            committed("r1", "failed_retries_exhausted"),
+            Event::Acked
+        ]
+    );
+
+    // A batch with a bad element: its dead letter, then its rejection, then
+    // the good one's outcome; the ack comes last.
+    let w = world(FakeApi::default(), 2, |_, _| {});
+    // An empty execution_id is invalid.
+    let msg = message(&[("ok", "ex-ok"), ("bad", "")]);
+    assert_eq!(run_one(&w, msg).await, Handled::Settled);
+    let events = w.log.events();
+    let at = |e: &Event| events.iter().position(|x| x == e).expect("happened");
+    assert!(at(&Event::DeadLettered("rejected".to_owned())) < at(&committed("bad", "rejected")));
+    assert_eq!(events.last(), Some(&Event::Acked));
+    assert!(events.contains(&committed("ok", "succeeded")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dead_letter_not_confirmed_commits_nothing_and_acks_nothing() {
+    let w = world(
+        FakeApi::scripted(&[("ex-1", &[500, 500])]),
+        2,
+        |_, letters| {
+            letters.confirmed = false;
+        },
+    );
+    assert_eq!(
+        run_one(&w, message(&[("r1", "ex-1")])).await,
+        Handled::Unsettled
+    );
+    assert_eq!(w.log.events(), vec![], "no outcome committed, no ack");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_commit_that_fails_leaves_the_message_unacked() {
+    let w = world(FakeApi::default(), 2, |store, _| store.commits_fail = true);
+    assert_eq!(
+        run_one(&w, message(&[("r1", "ex-1"), ("r2", "ex-2")])).await,
+        Handled::Unsettled
+    );
+    assert!(!w.log.events().contains(&Event::Acked));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_already_final_is_skipped_without_a_call() {
+    let w = world(FakeApi::default(), 2, |store, _| {
+        store.finals.insert("done".to_owned());
+    });
+    let handled = run_one(&w, message(&[("done", "ex-done"), ("new", "ex-new")])).await;
+    assert_eq!(handled, Handled::Settled);
+    let calls: Vec<String> = w
+        .pipeline
+        .dispatcher
+        .api()
+        .calls()
+        .into_iter()
+        .map(|(ex, _)| ex)
+        .collect();
+    assert_eq!(calls, ["ex-new"]);
+    assert!(w.log.events().contains(&committed("done", "skipped")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_401_probe_backs_off_from_one_second_and_resumes_by_itself() {
+    let w = world(
+        FakeApi::scripted(&[("ex-1", &[401, 401, 401])]),
+        5,
+        |_, _| {},
+    );
+    let started = Instant::now();
+    assert_eq!(
+        run_one(&w, message(&[("r1", "ex-1")])).await,
+        Handled::Settled
+    );
+    let at: Vec<Duration> = w
+        .pipeline
+        .dispatcher
+        .api()
+        .calls()
+        .iter()
+        .map(|(_, t)| *t - started)
+        .collect();
+    // The first call, then probes 1 s, 2 s and 4 s apart; the fourth call
+    // is accepted and the request succeeds. No 401 counted as an attempt.
+    let secs: Vec<u64> = at.iter().map(Duration::as_secs).collect();
+    assert_eq!(secs, [0, 1, 3, 7]);
+    assert!(w.pipeline.dispatcher.gate.is_open(), "resumed");
+    assert!(w.log.events().contains(&committed("r1", "succeeded")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_401_is_retried_at_once_when_a_new_credential_is_to_be_had() {
+    let api = FakeApi {
+        renews: true,
+        ..FakeApi::scripted(&[("ex-1", &[401, 500, 500])])
+    };
+    // Three counted attempts allowed: 500, 500, then 200. Had the 401
+    // counted, the attempts would have run out on the second 500.
+    let w = world(api, 3, |_, _| {});
+    let started = Instant::now();
+    assert_eq!(
+        run_one(&w, message(&[("r1", "ex-1")])).await,
+        Handled::Settled
+    );
+    let calls = w.pipeline.dispatcher.api().calls();
+    assert_eq!(calls.len(), 4);
+    assert_eq!(
+        calls[1].1 - started,
+        Duration::ZERO,
+        "no probe wait after a renewal"
+    );
+    assert!(w.log.events().contains(&committed("r1", "succeeded")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn retryable_answers_count_until_the_attempts_run_out() {
+    let w = world(
+        FakeApi::scripted(&[("ex-1", &[500, 503, 500, 500])]),
+        3,
+        |_, _| {},
+    );
+    assert_eq!(
+        run_one(&w, message(&[("r1", "ex-1")])).await,
+        Handled::Settled
+    );
+    assert_eq!(w.pipeline.dispatcher.api().calls().len(), 3);
+    assert!(
+        w.log
+            .events()
+            .contains(&committed("r1", "failed_retries_exhausted"))
+    );
+
+    let w = world(FakeApi::scripted(&[("ex-1", &[500, 500])]), 3, |_, _| {});
+    assert_eq!(
+        run_one(&w, message(&[("r1", "ex-1")])).await,
+        Handled::Settled
+    );
+    assert_eq!(w.pipeline.dispatcher.api().calls().len(), 3);
+    assert!(w.log.events().contains(&committed("r1", "succeeded")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_429_holds_every_call_for_its_retry_after() {
+    let w = Arc::new(world(FakeApi::scripted(&[("ex-a", &[429])]), 3, |_, _| {}));
+    let started = Instant::now();
+    let first = {
+        let w = Arc::clone(&w);
+        tokio::spawn(async move { run_one(&w, message(&[("a", "ex-a")])).await })
+    };
+    // Once A has been throttled, B starts: its call waits out A's hold.
+    while w.pipeline.dispatcher.api().calls().is_empty() {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        run_one(&w, message(&[("b", "ex-b")])).await,
+        Handled::Settled
+    );
+    assert_eq!(first.await.expect("joined"), Handled::Settled);
+    let calls = w.pipeline.dispatcher.api().calls();
+    let b = calls
+        .iter()
+        .find(|(ex, _)| ex == "ex-b")
+        .expect("B was called");
+    assert!(
+        b.1 - started >= Duration::from_secs(2),
+        "B called {:?} in",
+        b.1 - started
+    );
+    let a: Vec<_> = calls.iter().filter(|(ex, _)| ex == "ex-a").collect();
+    assert_eq!(a.len(), 2, "A retried once");
+    assert!(a[1].1 - started >= Duration::from_secs(2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_same_request_id_in_flight_twice_is_sent_once() {
+    let hold = Arc::new(Notify::new());
+    let api = FakeApi {
+        hold: Some(Arc::clone(&hold)),
+        ..FakeApi::default()
+    };
+    let w = Arc::new(world(api, 3, |_, _| {}));
+    let spawn = |w: &Arc<World<FakeApi>>| {
+        let w = Arc::clone(w);
+        tokio::spawn(async move { run_one(&w, message(&[("same", "ex-same")])).await })
+    };
+    let first = spawn(&w);
+    let called = w.pipeline.dispatcher.api().called.notified();
+    called.await;
+    let second = spawn(&w);
+    // Let the second reach its claim before the first's call returns.
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    hold.notify_one();
+    assert_eq!(first.await.expect("joined"), Handled::Settled);
+    assert_eq!(second.await.expect("joined"), Handled::Settled);
+    assert_eq!(w.pipeline.dispatcher.api().calls().len(), 1, "sent once");
+    let events = w.log.events();
+    assert!(events.contains(&committed("same", "succeeded")));
+    assert!(events.contains(&committed("same", "skipped")));
+    assert_eq!(events.iter().filter(|e| **e == Event::Acked).count(), 2);
+}
+
+#[tokio::test]
+async fn the_real_client_against_the_sandbox_classifies_and_retries() {
+    let sandbox = Sandbox::new(&SandboxArgs {
+        expected_token: Some("t".to_owned()),
+        ..SandboxArgs::default()
+    })
+    .bind("127.0.0.1:0".parse().expect("addr"))
+    .await
+    .expect("sandbox");
+    let endpoint = url::Url::parse(&sandbox.base_url()).expect("url");
+    let client = TerminateClient::new(
+        &endpoint,
+        &AuthSettings::Token("t".to_owned().into()),
+        Duration::from_secs(5),
+        4,
+    )
+    .expect("client");
+    let w = world(client, 3, |_, _| {});
+    let msg = message(&[("flaky", "flaky-a"), ("gone", "e404-a"), ("down", "e500-a")]);
+    assert_eq!(run_one(&w, msg).await, Handled::Settled);
+    let events = w.log.events();
+    assert!(
+        events.contains(&committed("flaky", "succeeded")),
+        "{events:?}"
+    );
+    assert!(
+        events.contains(&committed("gone", "failed_permanent")),
+        "{events:?}"
+    );
+    assert!(
+        events.contains(&committed("down", "failed_retries_exhausted")),
+        "{events:?}"
+    );
+    assert_eq!(sandbox.sandbox().calls_for(PROJECT, "wf", "e500-a"), 3);
+    assert_eq!(events.last(), Some(&Event::Acked));
+}

@@ -247,13 +247,27 @@ async fn report_counts_delivered_but_unacked_messages_as_pending() {
         .await;
         serde_json::from_str::<serde_json::Value>(&out).unwrap_or_default()["pending"].clone()
     };
-    // The management API's counts lag a few seconds behind.
-    eventually("the management API sees them unacked", || async {
-        pending().await["unacked"] == 4
-    })
-    .await;
-    let pending = pending().await;
-    assert_eq!(pending["ready"], 0);
-    assert_eq!(pending["total"], 4);
+    // The management plugin is off on a fresh RabbitMQ: the report then
+    // says what AMQP can tell (nothing waiting) and that the unacked count
+    // is unknown. With it on, its counts lag a few seconds behind.
+    if pending().await["unacked"].is_null() {
+        eprintln!("management API unreachable: checking that the report says `unknown`");
+        eventually("the report sees nothing waiting", || async {
+            pending().await["ready"] == 0
+        })
+        .await;
+        let pending = pending().await;
+        assert!(pending["unacked"].is_null(), "{pending}");
+        assert!(pending["total"].is_null(), "{pending}");
+    } else {
+        eprintln!("management API reachable: checking the unacked count");
+        eventually("the management API sees them unacked", || async {
+            pending().await["unacked"] == 4
+        })
+        .await;
+        let pending = pending().await;
+        assert_eq!(pending["ready"], 0);
+        assert_eq!(pending["total"], 4);
+    }
     daemon.stop().await;
 }
