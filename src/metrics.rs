@@ -35,6 +35,9 @@ pub struct Metrics {
     queue_depth: Gauge,
     reconnects: Counter,
     skipped_redeliveries: Counter,
+    ready: Gauge,
+    paused: Gauge,
+    concurrency: Gauge,
     registry: Registry,
 }
 
@@ -59,6 +62,9 @@ impl Metrics {
             queue_depth: Gauge::default(),
             reconnects: Counter::default(),
             skipped_redeliveries: Counter::default(),
+            ready: Gauge::default(),
+            paused: Gauge::default(),
+            concurrency: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("requests", "Requests by final outcome", m.requests.clone());
@@ -99,6 +105,21 @@ impl Metrics {
             "skipped_redeliveries",
             "Deliveries of already-final requests acked without a call",
             m.skipped_redeliveries.clone(),
+        );
+        registry.register(
+            "ready",
+            "1 while /readyz would answer 200 (broker connected, audit answering, not paused), else 0",
+            m.ready.clone(),
+        );
+        registry.register(
+            "paused",
+            "1 while consumption is paused because the AOM API refuses the credentials (401), else 0",
+            m.paused.clone(),
+        );
+        registry.register(
+            "concurrency",
+            "The configured most API calls in flight (CONCURRENCY)",
+            m.concurrency.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -170,6 +191,22 @@ impl Metrics {
 
     pub fn skipped_redelivery(&self) {
         self.skipped_redeliveries.inc();
+    }
+
+    /// Whether the daemon is ready (what `/readyz` answers).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(i64::from(ready));
+    }
+
+    /// Whether consumption is paused on bad credentials (a 401).
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.set(i64::from(paused));
+    }
+
+    /// The configured `CONCURRENCY`, exported next to `in_flight`.
+    pub fn set_concurrency(&self, limit: usize) {
+        self.concurrency
+            .set(i64::try_from(limit).unwrap_or(i64::MAX));
     }
 
     pub fn encode(&self) -> String {
