@@ -9,6 +9,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -32,7 +33,7 @@ pub struct Metrics {
     audit_write_latency: Histogram,
     audit_write_records: Histogram,
     lookup_latency: Histogram,
-    queue_depth: Gauge,
+    queue_depth: Gauge<f64, AtomicU64>,
     reconnects: Counter,
     skipped_redeliveries: Counter,
     ready: Gauge,
@@ -93,12 +94,12 @@ impl Metrics {
         );
         registry.register(
             "queue_depth",
-            "Messages ready in the request queue (sampled)",
+            "Messages ready in the request queue (sampled; NaN while the daemon cannot see the queue)",
             m.queue_depth.clone(),
         );
         registry.register(
             "reconnects",
-            "Broker sessions opened after the first",
+            "Broker sessions lost (each is followed by a reconnect)",
             m.reconnects.clone(),
         );
         registry.register(
@@ -121,6 +122,7 @@ impl Metrics {
             "The configured most API calls in flight (CONCURRENCY)",
             m.concurrency.clone(),
         );
+        m.set_queue_depth(None);
         Metrics { registry, ..m }
     }
 
@@ -180,12 +182,14 @@ impl Metrics {
         self.lookup_latency.observe(took.as_secs_f64());
     }
 
-    pub fn set_queue_depth(&self, ready: u32) {
-        self.queue_depth.set(i64::from(ready));
+    /// Messages ready in the request queue, or `None` when the daemon
+    /// cannot see the queue (exported as NaN: unknown, not 0).
+    pub fn set_queue_depth(&self, ready: Option<u32>) {
+        self.queue_depth.set(ready.map_or(f64::NAN, f64::from));
     }
 
-    /// A broker session was opened after the first.
-    pub fn reconnected(&self) {
+    /// A broker session was lost.
+    pub fn session_lost(&self) {
         self.reconnects.inc();
     }
 

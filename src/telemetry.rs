@@ -1,11 +1,21 @@
 //! Logging: human lines on a terminal, JSON for log shippers. `RUST_LOG`
-//! filters (default `info`).
+//! filters (default `info`, with the broker and pool clients' own lines
+//! about lost connections folded into the daemon's: one line per event).
 
 use crate::settings::LogFormat;
+use std::time::{Duration, Instant};
 use tracing_subscriber::EnvFilter;
 
+/// The filter when `RUST_LOG` is unset. lapin logs every lost connection
+/// and failed connect at ERROR from several places, and sqlx's pool warns
+/// about slow acquires and failed on-release tests while the database is
+/// away; the daemon logs each of those events once itself.
+const DEFAULT_FILTER: &str =
+    "info,lapin=off,sqlx::pool::acquire=error,sqlx_core::pool::connection=error";
+
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -30,4 +40,58 @@ pub fn cause_chain(err: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     out
+}
+
+/// A run of the same failure, logged as its first occurrence and then one
+/// line a minute saying how many followed.
+#[derive(Debug, Default)]
+pub struct Repeats {
+    /// When the last line was logged, and the failures since.
+    logged: Option<(Instant, u64)>,
+}
+
+impl Repeats {
+    const EVERY: Duration = Duration::from_secs(60);
+
+    /// Another failure. `Some(n)` when a line is due: `n` failures followed
+    /// the last line (0 for the first of the run).
+    pub fn failed(&mut self) -> Option<u64> {
+        match &mut self.logged {
+            None => {
+                self.logged = Some((Instant::now(), 0));
+                Some(0)
+            }
+            Some((at, since)) => {
+                *since += 1;
+                if at.elapsed() < Self::EVERY {
+                    return None;
+                }
+                let n = *since;
+                *at = Instant::now();
+                *since = 0;
+                Some(n)
+            }
+        }
+    }
+
+    /// The run is over; returns how many failures it had, if any.
+    pub fn ended(&mut self) -> Option<u64> {
+        self.logged.take().map(|(_, since)| since + 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_of_failures_logs_its_first_then_counts() {
+        let mut r = Repeats::default();
+        assert_eq!(r.failed(), Some(0));
+        assert_eq!(r.failed(), None);
+        assert_eq!(r.failed(), None);
+        assert_eq!(r.ended(), Some(3));
+        assert_eq!(r.ended(), None);
+        assert_eq!(r.failed(), Some(0), "a new run logs its first again");
+    }
 }

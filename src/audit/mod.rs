@@ -102,10 +102,13 @@ impl Audit {
         }
     }
 
-    fn set_healthy(&self, ok: bool) {
+    /// One WARN when the database starts failing (with the first error),
+    /// one INFO when it answers again; the retries between log at DEBUG.
+    fn set_healthy(&self, ok: bool, error: Option<&AuditError>) {
         let was = self.healthy.send_replace(ok);
         if was && !ok {
-            tracing::error!(
+            tracing::warn!(
+                error.cause_chain = error.map(|e| cause_chain(e)),
                 "the audit database is failing: no new messages are taken until it answers"
             );
         } else if !was && ok {
@@ -133,8 +136,8 @@ impl Audit {
             .without_max_times();
         let retried = call.retry(backoff).sleep(tokio::time::sleep).notify(
             |e: &AuditError, delay: Duration| {
-                self.set_healthy(false);
-                tracing::warn!(
+                self.set_healthy(false, Some(e));
+                tracing::debug!(
                     error.cause_chain = %cause_chain(e),
                     retry_in_ms = delay.as_millis() as u64,
                     "{what} failed; retrying"
@@ -147,7 +150,7 @@ impl Audit {
             () = abort.cancelled() => None,
         };
         if result.is_some() {
-            self.set_healthy(true);
+            self.set_healthy(true, None);
         }
         result
     }

@@ -31,7 +31,8 @@ impl AckHandle {
     pub fn ack(self) {
         let settled = AckCommand::Settled(self.tag, self.acker);
         if self.acks.send(settled).is_err() {
-            tracing::warn!("could not ack a message (session closed); it will be redelivered");
+            // The session is gone; its loss is logged once, by the daemon.
+            tracing::debug!("could not ack a message (session closed); it will be redelivered");
         }
     }
 }
@@ -125,7 +126,8 @@ async fn coalesce_acks(mut commands: mpsc::UnboundedReceiver<AckCommand>) {
 async fn send_acks(acks: Vec<(lapin::Acker, bool)>) {
     futures_util::future::join_all(acks.into_iter().map(|(acker, multiple)| async move {
         if let Err(e) = acker.ack(BasicAckOptions { multiple }).await {
-            tracing::warn!(
+            // A lost channel: the daemon logs the loss once.
+            tracing::debug!(
                 error.cause_chain = %cause_chain(&e),
                 "could not ack (channel lost); the messages will be redelivered"
             );

@@ -13,22 +13,35 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
-/// A delivered message: plain data, and the handle that acks it.
+/// A delivered message: plain data, the handle that acks it, and the
+/// session's `lost` token: once it fires, the broker has taken the message
+/// back (it goes to another consumer), and no work on it should start.
 pub struct Incoming {
     pub message: Message,
     pub ack: AckHandle,
+    pub lost: CancellationToken,
 }
 
 /// A live connection with one channel to consume on and one to publish
 /// dead letters on.
+///
+/// Losing it is one event: [`Session::lost`] fires the moment lapin reports
+/// a connection error, the consumer's stream ends, or the daemon gives the
+/// session up, and everything working for it (consuming, waiting for
+/// credits, publishing dead letters, the requests of its messages) sees it.
 pub struct Session {
     connection: Connection,
     consume: Channel,
     publish: Channel,
     consumer_tag: String,
     acks: Acks,
+    lost: CancellationToken,
+    /// Why it was lost, as lapin said it (for the one log line).
+    cause: Arc<Mutex<Option<String>>>,
 }
 
 impl Session {
@@ -54,6 +67,13 @@ impl Session {
             .confirm_select(ConfirmSelectOptions { nowait: false })
             .await
             .map_err(call("enable publisher confirms"))?;
+        let lost = CancellationToken::new();
+        let cause = Arc::new(Mutex::new(None));
+        tokio::spawn(watch_connection(
+            connection.events_listener(),
+            lost.clone(),
+            Arc::clone(&cause),
+        ));
         Ok(Self {
             connection,
             consume,
@@ -61,7 +81,32 @@ impl Session {
             // Random suffix: two daemons (or two sessions) never collide.
             consumer_tag: format!("aom-terminator-{suffix}"),
             acks: Acks::spawn(),
+            lost,
+            cause,
         })
+    }
+
+    /// Fires once the session is lost; see [`Session`].
+    pub fn lost(&self) -> CancellationToken {
+        self.lost.clone()
+    }
+
+    /// Why the session was lost, if lapin said.
+    pub fn cause(&self) -> Option<String> {
+        self.cause.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Give the session up: everything working for it stops, and the
+    /// connection is closed (bounded), so that the broker takes back every
+    /// message delivered on it now rather than when a heartbeat fails.
+    pub async fn abandon(&self) {
+        self.lost.cancel();
+        let close = async {
+            if self.connection.status().connected() {
+                let _ = self.connection.close(200, "session abandoned".into()).await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
     }
 
     pub async fn consume(
@@ -88,6 +133,7 @@ impl Session {
             .await
             .map_err(call("start consuming"))?;
         let acks = self.acks.sink();
+        let lost = self.lost.clone();
         Ok(futures_util::StreamExt::map(consumer, move |d| {
             d.map(|d| Incoming {
                 message: Message {
@@ -96,6 +142,7 @@ impl Session {
                     body: d.data,
                 },
                 ack: AckHandle::new(d.delivery_tag, d.acker, acks.clone()),
+                lost: lost.clone(),
             })
             .map_err(call("receive a delivery"))
         }))
@@ -120,7 +167,9 @@ impl Session {
     }
 
     pub fn is_connected(&self) -> bool {
-        self.connection.status().connected() && self.consume.status().connected()
+        !self.lost.is_cancelled()
+            && self.connection.status().connected()
+            && self.consume.status().connected()
     }
 
     /// Stop deliveries; what was delivered and is not acked stays with us
@@ -151,6 +200,32 @@ impl Session {
         }
         if self.connection.status().connected() {
             let _ = self.connection.close(200, "shutdown".into()).await;
+        }
+    }
+}
+
+/// Fire `lost` on the first connection error lapin reports, remembering it.
+async fn watch_connection(
+    events: impl Stream<Item = lapin::Event> + Send + 'static,
+    lost: CancellationToken,
+    cause: Arc<Mutex<Option<String>>>,
+) {
+    let mut events = std::pin::pin!(events);
+    loop {
+        tokio::select! {
+            () = lost.cancelled() => return,
+            event = futures_util::StreamExt::next(&mut events) => match event {
+                Some(lapin::Event::Error(e)) => {
+                    *cause.lock().unwrap_or_else(|p| p.into_inner()) = Some(cause_chain(&e));
+                    lost.cancel();
+                    return;
+                }
+                Some(_) => {}
+                None => {
+                    lost.cancel();
+                    return;
+                }
+            },
         }
     }
 }

@@ -105,15 +105,18 @@ impl<A: Api> Dispatcher<A> {
         &self.api
     }
 
-    /// Attempts until a final verdict, attempts run out, or shutdown.
-    pub async fn dispatch(&self, req: &TerminationRequest) -> Dispatched {
+    /// Attempts until a final verdict, attempts run out, shutdown, or
+    /// `held` fires (the broker took the request's message back: a call
+    /// already made finishes, but no further call starts; the attempts made
+    /// are returned unfinished, and the message's redelivery carries on).
+    pub async fn dispatch(&self, req: &TerminationRequest, held: &CancellationToken) -> Dispatched {
         let mut attempts = Vec::new();
         let mut counted = 0u32;
         let unfinished = |attempts| Dispatched {
             attempts,
             outcome: None,
         };
-        if self.stop.is_cancelled() {
+        if self.stop.is_cancelled() || held.is_cancelled() {
             return unfinished(attempts);
         }
         let mut probed = None;
@@ -122,10 +125,14 @@ impl<A: Api> Dispatcher<A> {
             let attempt = match probed.take() {
                 Some(answer) => answer,
                 None => {
-                    if !self.gate.wait_open(&self.abort).await {
+                    let open = tokio::select! {
+                        open = self.gate.wait_open(&self.abort) => open,
+                        () = held.cancelled() => false,
+                    };
+                    if !open {
                         return unfinished(attempts);
                     }
-                    match self.call(req).await {
+                    match self.call(req, Some(held)).await {
                         Call::Answered(answer) => answer,
                         Call::Aborted => return unfinished(attempts),
                         Call::NoCredential(e) => {
@@ -167,6 +174,7 @@ impl<A: Api> Dispatcher<A> {
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
                         () = self.abort.cancelled() => return unfinished(attempts),
+                        () = held.cancelled() => return unfinished(attempts),
                     }
                 }
                 Verdict::Unauthorized => {
@@ -231,13 +239,17 @@ impl<A: Api> Dispatcher<A> {
         }
     }
 
-    /// One API call under a concurrency permit.
-    async fn call(&self, req: &TerminationRequest) -> Call {
+    /// One API call under a concurrency permit. With `held`, the call is
+    /// not made if it fires while the call waits for its turn.
+    async fn call(&self, req: &TerminationRequest, held: Option<&CancellationToken>) -> Call {
         let work = async {
             let Ok(_permit) = self.calls.acquire().await else {
                 return Call::Aborted; // the semaphore is never closed
             };
             self.pace().await;
+            if held.is_some_and(CancellationToken::is_cancelled) {
+                return Call::Aborted;
+            }
             self.metrics.call_started();
             let answer = self.api.terminate(req).await;
             self.metrics.call_ended();
@@ -266,6 +278,7 @@ impl<A: Api> Dispatcher<A> {
         why: &str,
     ) -> Probe {
         self.gate.close(why);
+        self.metrics.set_paused(true);
         loop {
             let _turn = tokio::select! {
                 turn = self.gate.probe_turn.lock() => turn,
@@ -279,7 +292,10 @@ impl<A: Api> Dispatcher<A> {
                 () = tokio::time::sleep(delay) => {}
                 () = self.abort.cancelled() => return Probe::Aborted,
             }
-            match self.call(req).await {
+            // A probe is about the credentials, not the request's message:
+            // it goes on even if that message was taken back, or the gate
+            // would never reopen.
+            match self.call(req, None).await {
                 Call::Aborted => return Probe::Aborted,
                 Call::NoCredential(e) => self.gate.probe_failed(&e.to_string()),
                 Call::Answered(attempt) if attempt.verdict == Verdict::Unauthorized => {
@@ -291,6 +307,7 @@ impl<A: Api> Dispatcher<A> {
                 }
                 Call::Answered(attempt) => {
                     self.gate.open();
+                    self.metrics.set_paused(false);
                     return Probe::Answered(attempt);
                 }
             }

@@ -9,7 +9,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 /// What `/readyz` checks.
@@ -18,17 +18,23 @@ pub trait Readiness: Send + Sync + 'static {
     fn ready(&self) -> Result<(), String>;
 }
 
-/// Broker connectivity, as the supervisor sees it.
+/// The broker session as readiness sees it: up from the moment its
+/// consumer is registered until the session is lost.
 #[derive(Debug, Default)]
-pub struct BrokerUp(AtomicBool);
+pub struct BrokerUp(Mutex<Option<CancellationToken>>);
 
 impl BrokerUp {
-    pub fn set(&self, up: bool) {
-        self.0.store(up, Ordering::Relaxed);
+    /// A consumer is registered on the session whose loss fires `lost`.
+    pub fn consuming(&self, lost: CancellationToken) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(lost);
     }
 
     pub fn get(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|lost| !lost.is_cancelled())
     }
 }
 
@@ -63,6 +69,8 @@ pub async fn serve(
 }
 
 async fn metrics_handler(State(app): State<AppState>) -> impl IntoResponse {
+    // Readiness as a metric, computed as /readyz computes it, at each scrape.
+    app.metrics.set_ready(app.readiness.ready().is_ok());
     (
         [(
             header::CONTENT_TYPE,

@@ -24,7 +24,7 @@ use crate::domain::{Message, Outcome, ParsedMessage};
 use crate::metrics::Metrics;
 use crate::retry::RetryPolicy;
 use crate::settings::DaemonConfig;
-use crate::telemetry::cause_chain;
+use crate::telemetry::{Repeats, cause_chain};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
 use http::{BrokerUp, Readiness};
@@ -32,7 +32,8 @@ use in_flight::InFlight;
 use ports::{AuditStore, BrokerLetters};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -58,16 +59,20 @@ impl Acknowledge for AckHandle {
 }
 
 /// The unit of work: one message through the pipeline, then acked if it
-/// was settled. Returns what happened.
+/// was settled. `held` fires when the broker takes the message back (its
+/// session was lost). Returns what happened.
 pub async fn work<S: Store, L: Letters, A: Api>(
     pipeline: &Pipeline<S, L, A>,
     message: Message,
     parsed: ParsedMessage,
     ack: impl Acknowledge,
+    held: &CancellationToken,
 ) -> Handled {
-    let handled = pipeline.handle(&message, parsed).await;
+    let handled = pipeline.handle(&message, parsed, held).await;
     match handled {
         Handled::Settled => ack.ack(),
+        // Counted in the lost session's summary instead.
+        Handled::Unsettled if held.is_cancelled() => {}
         Handled::Unsettled => tracing::info!(
             message_id = message.message_id.as_deref().unwrap_or(""),
             "message left unacked (shutdown); the broker will redeliver it"
@@ -127,6 +132,7 @@ async fn serve(
         max_attempts: cfg.max_attempts,
     };
     let metrics = Arc::new(Metrics::new());
+    metrics.set_concurrency(cfg.concurrency);
     let broker_up = Arc::new(BrokerUp::default());
     let (writer, writer_task) =
         AuditWriter::spawn(audit.clone(), abort.clone(), Arc::clone(&metrics));
@@ -189,7 +195,8 @@ async fn serve(
 
     let mut reconnect = reconnect_backoff();
     let mut sessions: Vec<Session> = Vec::new();
-    let mut opened = 0u64;
+    let mut unavailable = Repeats::default();
+    let mut lost_at: Option<Instant> = None;
     while !stop.is_cancelled() {
         let session = tokio::select! {
             s = Session::open(&cfg.amqp, cfg.prefetch) => s,
@@ -199,38 +206,75 @@ async fn serve(
             Ok(s) => s,
             Err(e) => {
                 let delay = reconnect.next().unwrap_or(Duration::from_secs(30));
-                tracing::warn!(
-                    error.cause_chain = %cause_chain(&e),
-                    retry_in_ms = delay.as_millis() as u64,
-                    "broker unavailable; retrying"
-                );
+                match unavailable.failed() {
+                    Some(0) => tracing::warn!(
+                        error.cause_chain = %cause_chain(&e),
+                        "broker unavailable; retrying until it answers"
+                    ),
+                    Some(n) => tracing::warn!(
+                        error.cause_chain = %cause_chain(&e),
+                        failed_attempts = n,
+                        "broker still unavailable"
+                    ),
+                    None => {
+                        tracing::debug!(error.cause_chain = %cause_chain(&e), "broker unavailable")
+                    }
+                }
                 tokio::select! {
                     () = tokio::time::sleep(delay) => continue,
                     () = stop.cancelled() => break,
                 }
             }
         };
+        unavailable.ended();
         dead_letters.attach(&session);
-        opened += 1;
-        if opened > 1 {
-            metrics.reconnected();
+        let tally = Arc::new(Tally::default());
+        let session_tasks = TaskTracker::new();
+        let ended = consume(
+            Consuming {
+                session: &session,
+                cfg: &cfg,
+                pipeline: &pipeline,
+                credits: &credits,
+                tasks: &tasks,
+                session_tasks: &session_tasks,
+                tally: &tally,
+                broker_up: &broker_up,
+                stop: &stop,
+            },
+            || {
+                if let Some(at) = lost_at.take() {
+                    tracing::info!(
+                        down_s = format!("{:.1}", at.elapsed().as_secs_f64()),
+                        "broker connection restored; consuming again"
+                    );
+                }
+            },
+        )
+        .await;
+        if stop.is_cancelled() {
+            // Kept open until the in-flight work is done: it acks on it.
+            sessions.push(session);
+            break;
         }
-        broker_up.set(true);
-        match consume(&session, &cfg, &pipeline, &credits, &tasks, &stop).await {
-            Ok(()) if stop.is_cancelled() => {}
-            Ok(()) => {
-                reconnect = reconnect_backoff();
-                tracing::warn!("broker session ended; reconnecting");
-            }
-            Err(e) => tracing::warn!(
-                error.cause_chain = %cause_chain(e.as_ref()),
-                "broker session failed; reconnecting"
-            ),
-        }
-        broker_up.set(false);
-        // Keep the session (and its channels) until shutdown: in-flight
-        // work from it may still ack on it if it is alive after all.
-        sessions.push(session);
+        // Lost: one event that everything working for the session sees.
+        let cause = match (&ended, session.cause()) {
+            (_, Some(cause)) => cause,
+            (Err(e), None) => cause_chain(e.as_ref()),
+            (Ok(()), None) => "the broker ended the consumer".to_owned(),
+        };
+        session.abandon().await;
+        metrics.session_lost();
+        metrics.set_queue_depth(None);
+        lost_at = Some(Instant::now());
+        reconnect = reconnect_backoff();
+        tracing::warn!(
+            error.cause_chain = %cause,
+            "lost the broker connection; reconnecting. Its messages go back to the queue: \
+             calls in flight finish and are recorded, requests not yet started are not started"
+        );
+        session_tasks.close();
+        tokio::spawn(report_drained(session_tasks, tally));
         sessions.retain(Session::is_connected);
     }
 
@@ -271,60 +315,126 @@ fn reconnect_backoff() -> impl Iterator<Item = Duration> {
         .build()
 }
 
-/// Take messages until shutdown (`Ok`), or until the session dies (`Err`
-/// or `Ok` after the stream ended).
+/// What `consume` works with.
+struct Consuming<'a> {
+    session: &'a Session,
+    cfg: &'a DaemonConfig,
+    pipeline: &'a Arc<LivePipeline>,
+    credits: &'a Arc<Semaphore>,
+    /// Every task, for shutdown; `session_tasks` only this session's.
+    tasks: &'a TaskTracker,
+    session_tasks: &'a TaskTracker,
+    tally: &'a Arc<Tally>,
+    broker_up: &'a BrokerUp,
+    stop: &'a CancellationToken,
+}
+
+/// Take messages until shutdown (`Ok`), or until the session is lost
+/// (`Err`, or `Ok` after the stream ended). `registered` runs once the
+/// consumer is registered.
 async fn consume(
-    session: &Session,
-    cfg: &DaemonConfig,
-    pipeline: &Arc<LivePipeline>,
-    credits: &Arc<Semaphore>,
-    tasks: &TaskTracker,
-    stop: &CancellationToken,
+    c: Consuming<'_>,
+    registered: impl FnOnce(),
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let Consuming {
+        session,
+        cfg,
+        pipeline,
+        credits,
+        stop,
+        ..
+    } = c;
+    let lost = session.lost();
     let mut deliveries = Box::pin(session.consume(&cfg.amqp.queue).await?);
-    let credits = Arc::clone(credits);
+    c.broker_up.consuming(lost.clone());
+    registered();
     let mut liveness = tokio::time::interval(LIVENESS_CHECK);
     loop {
-        // Paused on 401, or on a failing database: take nothing new until
-        // the credentials work and the audit can be written.
-        if !pipeline.dispatcher.gate.wait_open(stop).await
-            || !pipeline.store.audit.wait_healthy(stop).await
-        {
-            return Ok(());
-        }
-        tokio::select! {
+        let incoming = tokio::select! {
             biased;
             () = stop.cancelled() => return Ok(()),
+            () = lost.cancelled() => return Err("the broker connection was lost".into()),
             _ = liveness.tick() => {
                 if !session.is_connected() {
                     return Err("the broker connection is gone".into());
                 }
-                if let Some(depth) = session.queue_depth(&cfg.amqp.queue).await {
-                    pipeline.metrics.set_queue_depth(depth);
-                }
+                pipeline.metrics.set_queue_depth(session.queue_depth(&cfg.amqp.queue).await);
+                continue;
             }
             next = deliveries.next() => match next {
-                Some(Ok(Incoming { message, ack })) => {
-                    // Parse here, so that the requests held in memory are
-                    // bounded (PREFETCH_REQUESTS) however big the batches.
-                    let parsed = ParsedMessage::parse(&message.body, message.message_id.as_deref());
-                    let wanted = parsed.request_count().clamp(1, cfg.prefetch_requests) as u32;
-                    let held = tokio::select! {
-                        held = Arc::clone(&credits).acquire_many_owned(wanted) => held,
-                        () = stop.cancelled() => return Ok(()),
-                    };
-                    let Ok(held) = held else { return Ok(()) }; // never closed
-                    let pipeline = Arc::clone(pipeline);
-                    tasks.spawn(async move {
-                        let _held = held;
-                        work(&pipeline, message, parsed, ack).await
-                    });
-                }
+                Some(Ok(incoming)) => incoming,
                 Some(Err(e)) => return Err(Box::new(e)),
                 None => return Ok(()),
             },
-        }
+        };
+        let Incoming {
+            message,
+            ack,
+            lost: held,
+        } = incoming;
+        // Parse here, so that the requests held in memory are bounded
+        // (PREFETCH_REQUESTS) however big the batches.
+        let parsed = ParsedMessage::parse(&message.body, message.message_id.as_deref());
+        let wanted = parsed.request_count().clamp(1, cfg.prefetch_requests) as u32;
+        // Credits, then the pause (401, a failing audit): the message waits,
+        // unstarted, while either holds; losing the session ends the wait.
+        let ready = async {
+            let credit = Arc::clone(credits).acquire_many_owned(wanted).await.ok()?;
+            let open = pipeline.dispatcher.gate.wait_open(stop).await
+                && pipeline.store.audit.wait_healthy(stop).await;
+            open.then_some(credit)
+        };
+        let credit = tokio::select! {
+            biased;
+            () = stop.cancelled() => return Ok(()),
+            () = lost.cancelled() => return Err("the broker connection was lost".into()),
+            credit = ready => credit,
+        };
+        let Some(credit) = credit else {
+            return Ok(()); // stopping (the semaphore is never closed)
+        };
+        let pipeline = Arc::clone(pipeline);
+        let tally = Arc::clone(c.tally);
+        c.tasks.spawn(c.session_tasks.track_future(async move {
+            let _credit = credit;
+            let handled = work(&pipeline, message, parsed, ack, &held).await;
+            if held.is_cancelled() {
+                tally.after_loss(handled);
+            }
+        }));
     }
+}
+
+/// What became of a lost session's messages, for its one summary line.
+#[derive(Debug, Default)]
+struct Tally {
+    /// Left unacked: back in the queue, their unstarted requests not started.
+    released: AtomicU64,
+    /// Settled after the loss: their ack went nowhere, so they come back
+    /// and are acked without a call (the audit has their outcomes).
+    settled: AtomicU64,
+}
+
+impl Tally {
+    fn after_loss(&self, handled: Handled) {
+        let counter = match handled {
+            Handled::Unsettled => &self.released,
+            Handled::Settled => &self.settled,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Once a lost session's work has drained, say what became of it.
+async fn report_drained(tasks: TaskTracker, tally: Arc<Tally>) {
+    let since = Instant::now();
+    tasks.wait().await;
+    tracing::info!(
+        released_messages = tally.released.load(Ordering::Relaxed),
+        settled_after_loss = tally.settled.load(Ordering::Relaxed),
+        drained_in_s = format!("{:.1}", since.elapsed().as_secs_f64()),
+        "the lost broker session's work has drained"
+    );
 }
 
 /// `/readyz`: the broker is connected, the audit database answers, and the

@@ -15,7 +15,7 @@ use super::dispatch::{Api, Dispatcher};
 use super::in_flight::{Claim, InFlight, follow};
 use crate::audit::{FinalRecord, Record};
 use crate::domain::{
-    DeadLetter, Item, Message, Outcome, ParsedMessage, Rejection, TerminationRequest,
+    Attempt, DeadLetter, Item, Message, Outcome, ParsedMessage, Rejection, TerminationRequest,
 };
 use crate::metrics::Metrics;
 use chrono::{DateTime, Utc};
@@ -24,6 +24,7 @@ use futures_util::stream::FuturesUnordered;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
 
 /// What the pipeline needs of the audit. Each call retries until it
 /// succeeds or the shutdown grace runs out (then `false` or `None`).
@@ -45,8 +46,13 @@ pub trait Store: Send + Sync + 'static {
 /// What the pipeline needs of the dead-letter queue.
 pub trait Letters: Send + Sync + 'static {
     /// Publish until the broker confirms it; `false` if the shutdown grace
-    /// runs out first.
-    fn publish(&self, letter: &DeadLetter) -> impl Future<Output = bool> + Send;
+    /// runs out first, or at once when `held` fires (the message the letter
+    /// comes from is back in the queue: its redelivery will do it again).
+    fn publish(
+        &self,
+        letter: &DeadLetter,
+        held: &CancellationToken,
+    ) -> impl Future<Output = bool> + Send;
 }
 
 /// What became of a message.
@@ -54,8 +60,9 @@ pub trait Letters: Send + Sync + 'static {
 pub enum Handled {
     /// Every request in it has its outcome committed: ack it.
     Settled,
-    /// Something is not committed (shutdown, a dead letter not confirmed):
-    /// leave it unacked, and the broker redelivers it.
+    /// Something is not committed (shutdown, the broker took the message
+    /// back, a dead letter not confirmed): leave it unacked, and the broker
+    /// redelivers it.
     Unsettled,
 }
 
@@ -73,14 +80,24 @@ pub struct Pipeline<S, L, A> {
 struct Context<'a> {
     message: &'a Message,
     received_at: DateTime<Utc>,
+    /// Fires when the broker has taken the message back.
+    held: &'a CancellationToken,
 }
 
 impl<S: Store, L: Letters, A: Api> Pipeline<S, L, A> {
-    /// Take one message as far as it can go.
-    pub async fn handle(&self, message: &Message, parsed: ParsedMessage) -> Handled {
+    /// Take one message as far as it can go. `held` fires when the broker
+    /// takes the message back (its session was lost): from then on no
+    /// request of it starts; calls already made finish and are recorded.
+    pub async fn handle(
+        &self,
+        message: &Message,
+        parsed: ParsedMessage,
+        held: &CancellationToken,
+    ) -> Handled {
         let cx = Context {
             message,
             received_at: Utc::now(),
+            held,
         };
         let complete = match parsed {
             ParsedMessage::Unreadable(rejection) => {
@@ -134,7 +151,7 @@ impl<S: Store, L: Letters, A: Api> Pipeline<S, L, A> {
 
     /// Dead-letter the raw message (confirmed), then record each rejection.
     async fn reject(&self, cx: &Context<'_>, letter: DeadLetter, rejected: Vec<Rejection>) -> bool {
-        if !self.letters.publish(&letter).await {
+        if !self.letters.publish(&letter, cx.held).await {
             return false;
         }
         let finished_at = Utc::now();
@@ -171,73 +188,55 @@ impl<S: Store, L: Letters, A: Api> Pipeline<S, L, A> {
         if requests.is_empty() {
             return true;
         }
-        // Claim first, look up second: a request that finishes between the
-        // two is then either still claimed (we follow it) or committed (the
-        // lookup sees it). The other order could send it twice.
+        // Claim first, look up second (in `one`, just before the call): a
+        // request that finishes between the two is then either still claimed
+        // (we follow it) or committed (the lookup sees it). The other order
+        // could send it twice.
         let mut claims: Vec<Claim<'_>> = requests
             .iter()
             .map(|r| self.in_flight.claim(&r.request_id))
             .collect();
-        let leading: Vec<String> = requests
-            .iter()
-            .zip(&claims)
-            .filter(|(_, c)| matches!(c, Claim::Leader(_)))
-            .map(|(r, _)| r.request_id.clone())
-            .collect();
-        let Some((finals, before)) = self.lookup(leading, cx.message.redelivered).await else {
-            return false;
+        // Only a redelivery can have attempts on record from before.
+        let before = if cx.message.redelivered {
+            let leading: Vec<String> = requests
+                .iter()
+                .zip(&claims)
+                .filter(|(_, c)| matches!(c, Claim::Leader(_)))
+                .map(|(r, _)| r.request_id.clone())
+                .collect();
+            match self.store.attempts_recorded(&leading).await {
+                Some(before) => before,
+                None => return false,
+            }
+        } else {
+            HashMap::new()
         };
-        let prepared = |req: &TerminationRequest| {
-            (
-                finals.contains(&req.request_id),
-                before.get(&req.request_id).copied().unwrap_or(0),
-            )
-        };
+        let attempts_before =
+            |req: &TerminationRequest| before.get(&req.request_id).copied().unwrap_or(0);
         if let [req] = requests.as_slice()
             && let Some(claim) = claims.pop()
         {
             // One request (most messages): no need for the machinery below.
-            let (already_final, attempts_before) = prepared(req);
-            return self
-                .one(cx, req, claim, already_final, attempts_before)
-                .await;
+            return self.one(cx, req, claim, attempts_before(req)).await;
         }
         // A hand-rolled buffer_unordered: futures are created only as slots
         // free up, so a batch of 10,000 holds `concurrency` of them at once.
+        // Once the broker has taken the message back, no more start.
         let mut queue = requests.iter().zip(claims);
         let mut running = FuturesUnordered::new();
         let mut all_done = true;
         loop {
-            while running.len() < self.concurrency {
+            while running.len() < self.concurrency && !cx.held.is_cancelled() {
                 let Some((req, claim)) = queue.next() else {
                     break;
                 };
-                let (already_final, attempts_before) = prepared(req);
-                running.push(self.one(cx, req, claim, already_final, attempts_before));
+                running.push(self.one(cx, req, claim, attempts_before(req)));
             }
             match running.next().await {
                 Some(done) => all_done &= done,
-                None => return all_done,
+                None => return all_done && queue.next().is_none(),
             }
         }
-    }
-
-    async fn lookup(
-        &self,
-        ids: Vec<String>,
-        redelivered: bool,
-    ) -> Option<(HashSet<String>, HashMap<String, u32>)> {
-        if ids.is_empty() {
-            return Some(Default::default());
-        }
-        // Only a redelivery can have attempts on record from before.
-        let before = if redelivered {
-            self.store.attempts_recorded(&ids).await?
-        } else {
-            HashMap::new()
-        };
-        let finals = self.store.already_final(ids).await?;
-        Some((finals, before))
     }
 
     async fn one(
@@ -245,7 +244,6 @@ impl<S: Store, L: Letters, A: Api> Pipeline<S, L, A> {
         cx: &Context<'_>,
         req: &TerminationRequest,
         claim: Claim<'_>,
-        already_final: bool,
         attempts_before: u32,
     ) -> bool {
         let skip = || async {
@@ -272,25 +270,38 @@ impl<S: Store, L: Letters, A: Api> Pipeline<S, L, A> {
             }
             Claim::Leader(leader) => leader,
         };
-        if already_final {
+        // Looked up just before the call, not once per message: another
+        // daemon may have finished this request since the message arrived
+        // (a redelivery after a broker cut). Lookups of requests about to
+        // start together are answered by one query.
+        let Some(finals) = self.store.already_final(vec![req.request_id.clone()]).await else {
+            leader.finish(false);
+            return false;
+        };
+        if finals.contains(&req.request_id) {
             tracing::debug!(request_id = %req.request_id, "already final; not sent again");
             let committed = skip().await;
             leader.finish(committed);
             return committed;
         }
-        let dispatched = self.dispatcher.dispatch(req).await;
-        let Some(outcome) = dispatched.outcome else {
-            if !dispatched.attempts.is_empty() {
+        let dispatched = self.dispatcher.dispatch(req, cx.held).await;
+        let unfinished = |attempts: Vec<Attempt>| async move {
+            // The calls were made: the audit shows them, and a redelivery
+            // numbers its attempts after them.
+            if !attempts.is_empty() {
                 self.store
                     .commit(Record::Unfinished {
                         request_id: req.request_id.clone(),
                         attempts_before,
-                        attempts: dispatched.attempts,
+                        attempts,
                     })
                     .await;
             }
+            false
+        };
+        let Some(outcome) = dispatched.outcome else {
             leader.finish(false);
-            return false;
+            return unfinished(dispatched.attempts).await;
         };
         if outcome == Outcome::FailedRetriesExhausted {
             let letter = DeadLetter::exhausted(
@@ -299,9 +310,9 @@ impl<S: Store, L: Letters, A: Api> Pipeline<S, L, A> {
                 &dispatched.attempts,
                 &self.source_queue,
             );
-            if !self.letters.publish(&letter).await {
+            if !self.letters.publish(&letter, cx.held).await {
                 leader.finish(false);
-                return false;
+                return unfinished(dispatched.attempts).await;
             }
         }
         let record = final_record(cx, req, outcome, attempts_before, dispatched.attempts);
@@ -320,7 +331,7 @@ fn final_record(
     req: &TerminationRequest,
     outcome: Outcome,
     attempts_before: u32,
-    attempts: Vec<crate::domain::Attempt>,
+    attempts: Vec<Attempt>,
 ) -> FinalRecord {
     let last = attempts.last();
     FinalRecord {

@@ -40,7 +40,13 @@ pub struct BrokerLetters {
 }
 
 impl Letters for BrokerLetters {
-    async fn publish(&self, letter: &DeadLetter) -> bool {
-        self.dead_letters.publish(letter, &self.abort).await
+    async fn publish(&self, letter: &DeadLetter, held: &CancellationToken) -> bool {
+        // Fail fast once the message is back in the queue, rather than
+        // retry on a channel that is gone.
+        tokio::select! {
+            biased;
+            () = held.cancelled() => false,
+            published = self.dead_letters.publish(letter, &self.abort) => published,
+        }
     }
 }

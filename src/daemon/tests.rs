@@ -79,7 +79,7 @@ struct FakeLetters {
 }
 
 impl Letters for FakeLetters {
-    async fn publish(&self, letter: &DeadLetter) -> bool {
+    async fn publish(&self, letter: &DeadLetter, _held: &CancellationToken) -> bool {
         if !self.confirmed {
             return false;
         }
@@ -262,8 +262,13 @@ fn message(requests: &[(&str, &str)]) -> Message {
 }
 
 async fn run_one<A: Api>(w: &World<A>, msg: Message) -> Handled {
+    run_held(w, msg, &CancellationToken::new()).await
+}
+
+/// Like `run_one`, for a message that the broker takes back when `held` fires.
+async fn run_held<A: Api>(w: &World<A>, msg: Message, held: &CancellationToken) -> Handled {
     let parsed = ParsedMessage::parse(&msg.body, None);
-    work(&w.pipeline, msg, parsed, FakeAck(Arc::clone(&w.log))).await
+    work(&w.pipeline, msg, parsed, FakeAck(Arc::clone(&w.log)), held).await
 }
 
 fn committed(id: &str, outcome: &str) -> Event {
@@ -312,7 +317,11 @@ async fn a_dead_letter_not_confirmed_commits_nothing_and_acks_nothing() {
         run_one(&w, message(&[("r1", "ex-1")])).await,
         Handled::Unsettled
     );
-    assert_eq!(w.log.events(), vec![], "no outcome committed, no ack");
+    assert_eq!(
+        w.log.events(),
+        vec![committed("r1", "unfinished")],
+        "its calls recorded, no outcome committed, no ack"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -483,6 +492,99 @@ async fn the_same_request_id_in_flight_twice_is_sent_once() {
     assert!(events.contains(&committed("same", "succeeded")));
     assert!(events.contains(&committed("same", "skipped")));
     assert_eq!(events.iter().filter(|e| **e == Event::Acked).count(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_message_taken_back_starts_no_more_requests_and_its_calls_finish() {
+    let hold = Arc::new(Notify::new());
+    let api = FakeApi {
+        hold: Some(Arc::clone(&hold)),
+        ..FakeApi::default()
+    };
+    let w = Arc::new(world(api, 3, |_, _| {}));
+    let held = CancellationToken::new();
+    let ids: Vec<(String, String)> = (0..20)
+        .map(|i| (format!("r{i}"), format!("ex-{i}")))
+        .collect();
+    let refs: Vec<(&str, &str)> = ids.iter().map(|(r, e)| (r.as_str(), e.as_str())).collect();
+    let task = {
+        let (w, held, msg) = (Arc::clone(&w), held.clone(), message(&refs));
+        tokio::spawn(async move { run_held(&w, msg, &held).await })
+    };
+    // The world's per-message concurrency is 8: eight calls are in flight.
+    while w.pipeline.dispatcher.api().calls().len() < 8 {
+        tokio::task::yield_now().await;
+    }
+    held.cancel();
+    for _ in 0..8 {
+        hold.notify_one();
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(task.await.expect("joined"), Handled::Unsettled);
+    assert_eq!(
+        w.pipeline.dispatcher.api().calls().len(),
+        8,
+        "no request started after"
+    );
+    let events = w.log.events();
+    let succeeded = events
+        .iter()
+        .filter(|e| matches!(e, Event::Committed(_, o) if o == "succeeded"))
+        .count();
+    assert_eq!(
+        succeeded, 8,
+        "the calls in flight finished and were committed"
+    );
+    assert!(!events.contains(&Event::Acked));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_does_not_start_once_the_message_is_taken_back() {
+    let w = Arc::new(world(FakeApi::scripted(&[("ex-1", &[500])]), 5, |_, _| {}));
+    let held = CancellationToken::new();
+    let task = {
+        let (w, held) = (Arc::clone(&w), held.clone());
+        tokio::spawn(async move { run_held(&w, message(&[("r1", "ex-1")]), &held).await })
+    };
+    while w.pipeline.dispatcher.api().calls().is_empty() {
+        tokio::task::yield_now().await;
+    }
+    held.cancel();
+    assert_eq!(task.await.expect("joined"), Handled::Unsettled);
+    assert_eq!(w.pipeline.dispatcher.api().calls().len(), 1);
+    assert_eq!(w.log.events(), vec![committed("r1", "unfinished")]);
+}
+
+#[tokio::test]
+async fn the_broker_dead_letter_port_fails_fast_once_the_message_is_taken_back() {
+    use crate::settings::BrokerArgs;
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Args {
+        #[command(flatten)]
+        broker: BrokerArgs,
+    }
+    let settings = Args::parse_from(["x"]).broker.settings().expect("defaults");
+    // No session attached: a publish would retry until one is.
+    let letters = ports::BrokerLetters {
+        dead_letters: DeadLetters::new(settings),
+        abort: CancellationToken::new(),
+    };
+    let letter = DeadLetter {
+        body: b"{}".to_vec(),
+        content_type: "application/json",
+        headers: Vec::new(),
+    };
+    let held = CancellationToken::new();
+    let publish = letters.publish(&letter, &held);
+    tokio::pin!(publish);
+    tokio::select! {
+        _ = &mut publish => panic!("published without a session"),
+        () = tokio::time::sleep(Duration::from_millis(300)) => {}
+    }
+    held.cancel();
+    let gave_up = tokio::time::timeout(Duration::from_secs(1), publish).await;
+    assert_eq!(gave_up.ok(), Some(false), "gave up at once");
 }
 
 #[tokio::test]

@@ -3,6 +3,8 @@
 //! and that a request is sent twice only where a crash left no way to know
 //! it was sent — and then the audit says so.
 
+mod broker_loss;
+mod chaos;
 #[path = "../pipeline/helpers.rs"]
 mod helpers;
 mod proxy;

@@ -480,12 +480,21 @@ impl Drop for Daemon {
 
 /// Poll `check` until it holds, or fail after a generous deadline. Tests
 /// assert outcomes, never how long they took.
-pub async fn eventually<F, Fut>(what: &str, mut check: F)
+pub async fn eventually<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = Instant::now() + Duration::from_secs(90);
+    eventually_for(what, Duration::from_secs(90), check).await;
+}
+
+/// `eventually`, with a limit of its own.
+pub async fn eventually_for<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
         if check().await {
             return;
