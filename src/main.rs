@@ -27,7 +27,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init(cli.log_format);
+    telemetry::init(
+        cli.log_format,
+        &[
+            aom_terminator::broker::QUIET_LOGS,
+            aom_terminator::audit::QUIET_LOGS,
+        ],
+    );
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

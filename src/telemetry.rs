@@ -1,21 +1,20 @@
 //! Logging: human lines on a terminal, JSON for log shippers. `RUST_LOG`
-//! filters (default `info`, with the broker and pool clients' own lines
-//! about lost connections folded into the daemon's: one line per event).
+//! filters (default `info`, plus the directives the adapters give to quiet
+//! their clients' own lines about lost connections: the daemon logs each
+//! such event once itself).
 
 use crate::settings::LogFormat;
 use std::time::{Duration, Instant};
 use tracing_subscriber::EnvFilter;
 
-/// The filter when `RUST_LOG` is unset. lapin logs every lost connection
-/// and failed connect at ERROR from several places, and sqlx's pool warns
-/// about slow acquires and failed on-release tests while the database is
-/// away; the daemon logs each of those events once itself.
-const DEFAULT_FILTER: &str =
-    "info,lapin=off,sqlx::pool::acquire=error,sqlx_core::pool::connection=error";
-
-pub fn init(format: LogFormat) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+/// Start logging. Without `RUST_LOG`, the filter is `info` plus `quiet`:
+/// directives such as `broker::QUIET_LOGS`.
+pub fn init(format: LogFormat, quiet: &[&str]) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        let mut directives = vec!["info"];
+        directives.extend_from_slice(quiet);
+        EnvFilter::new(directives.join(","))
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -41,6 +41,11 @@ pub enum AuditError {
     Timeout(Duration),
 }
 
+/// Log directives that quiet sqlx's pool: it warns about slow acquires and
+/// failed on-release tests while the database is away, and the daemon logs
+/// the outage once itself.
+pub const QUIET_LOGS: &str = "sqlx::pool::acquire=error,sqlx_core::pool::connection=error";
+
 /// Every libpq parameter of `DATABASE_URL`, as sqlx reads them.
 fn connect_options(settings: &DatabaseSettings) -> Result<PgConnectOptions, ConfigError> {
     PgConnectOptions::from_str(settings.url.expose_secret())

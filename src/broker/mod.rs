@@ -49,6 +49,11 @@ fn call(what: &'static str) -> impl FnOnce(lapin::Error) -> BrokerError {
     move |source| BrokerError::Call { what, source }
 }
 
+/// Log directives that quiet lapin's own lines: it logs every lost
+/// connection and failed connect at ERROR from several places, and the
+/// daemon logs each such event once itself.
+pub const QUIET_LOGS: &str = "lapin=off";
+
 /// Heartbeat used when AMQP_URL does not set one: a dead connection is
 /// noticed within a few seconds instead of the broker's default minute.
 const DEFAULT_HEARTBEAT_SECS: u16 = 10;

@@ -38,6 +38,9 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// A session lost sooner than this after it opened is retried with backoff.
+const SHORT_SESSION: Duration = Duration::from_secs(2);
+
 /// How often the supervisor checks that the connection is still alive (the
 /// heartbeat notices a dead peer; this notices that the broker adapter has).
 const LIVENESS_CHECK: Duration = Duration::from_secs(2);
@@ -227,6 +230,7 @@ async fn serve(
             }
         };
         unavailable.ended();
+        let opened_at = Instant::now();
         dead_letters.attach(&session);
         let tally = Arc::new(Tally::default());
         let session_tasks = TaskTracker::new();
@@ -266,8 +270,7 @@ async fn serve(
         session.abandon().await;
         metrics.session_lost();
         metrics.set_queue_depth(None);
-        lost_at = Some(Instant::now());
-        reconnect = reconnect_backoff();
+        lost_at.get_or_insert_with(Instant::now);
         tracing::warn!(
             error.cause_chain = %cause,
             "lost the broker connection; reconnecting. Its messages go back to the queue: \
@@ -276,6 +279,17 @@ async fn serve(
         session_tasks.close();
         tokio::spawn(report_drained(session_tasks, tally));
         sessions.retain(Session::is_connected);
+        if opened_at.elapsed() < SHORT_SESSION {
+            // Lost as soon as it was opened (the consumer refused, say):
+            // back off, or this would spin.
+            let delay = reconnect.next().unwrap_or(Duration::from_secs(30));
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = stop.cancelled() => {}
+            }
+        } else {
+            reconnect = reconnect_backoff();
+        }
     }
 
     // Safe point: nothing new starts; wait for what is in flight (bounded

@@ -99,7 +99,13 @@ async fn containers(amqp: Option<String>, db: Option<String>) -> Services {
 
 fn init_logs() {
     if std::env::var_os("TEST_LOG").is_some() {
-        aom_terminator::telemetry::init(LogFormat::Text);
+        aom_terminator::telemetry::init(
+            LogFormat::Text,
+            &[
+                aom_terminator::broker::QUIET_LOGS,
+                aom_terminator::audit::QUIET_LOGS,
+            ],
+        );
     }
 }
 
