@@ -3,8 +3,11 @@
 #   docker build -t aom-terminator .
 #   docker run --rm aom-terminator --help
 #
-# One image serves every subcommand: `run` (the default), `migrate` and
-# `sandbox`. See docker-compose.yml for a complete local setup.
+# One image serves every subcommand: `run` (the default), `migrate`,
+# `sandbox`, and the operator tools `enqueue`, `report` and `dead-letters`.
+# See docker-compose.yml for a complete local setup; tests/compose.rs checks
+# this file's ENTRYPOINT and CMD and the compose file's commands against the
+# binary's command tree.
 
 # ---------------------------------------------------------------------------
 # Builder

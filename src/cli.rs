@@ -4,7 +4,8 @@
 use crate::sandbox::SandboxArgs;
 use crate::settings::{DatabaseArgs, LogFormat, RunArgs};
 use crate::tools::{dead_letters::DeadLettersArgs, enqueue::EnqueueArgs, report::ReportArgs};
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use std::ffi::OsString;
 
 #[derive(Debug, Parser)]
 #[command(name = "aom-terminator", version, about, args_override_self = true)]
@@ -19,16 +20,46 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon: consume termination requests and audit every outcome.
+    #[command(after_help = "\
+Examples:
+  # against the sandbox (aom-terminator sandbox --expected-token dev-token)
+  AOM_ENDPOINT=http://127.0.0.1:8080 AOM_AUTH_TOKEN=dev-token aom-terminator run
+  # against the real API, the token from a file that is re-read when it changes
+  AOM_ENDPOINT=https://aom.cn-north-4.myhuaweicloud.com \\
+    AOM_AUTH_TOKEN_FILE=/var/run/secrets/aom/token CONCURRENCY=128 aom-terminator run")]
     Run(Box<RunArgs>),
     /// Apply the audit schema migrations and exit.
+    #[command(after_help = "\
+Examples:
+  DATABASE_URL=postgres://postgres@127.0.0.1:5432/aom aom-terminator migrate")]
     Migrate(DatabaseArgs),
     /// Serve a fake AOM terminate API for trials, tests and benchmarks.
+    #[command(after_help = "\
+Examples:
+  aom-terminator sandbox --listen 127.0.0.1:8080 --expected-token dev-token
+  aom-terminator sandbox --latency 20ms --fail-ratios 500=0.01,404=0.02,flaky=0.03
+  curl -s http://127.0.0.1:8080/_sandbox/stats")]
     Sandbox(Box<SandboxArgs>),
     /// Inspect the dead-letter queue, and replay requests from it.
+    #[command(after_help = "\
+Examples:
+  aom-terminator dead-letters list | head
+  aom-terminator dead-letters replay --reason failed-retries-exhausted --dry-run")]
     DeadLetters(Box<DeadLettersArgs>),
     /// Publish termination requests from a CSV or JSON Lines file.
+    #[command(after_help = "\
+Examples:
+  aom-terminator enqueue cancel.csv --dry-run
+  aom-terminator enqueue cancel.csv --requested-by alice
+  # what did not succeed, sent again as new requests
+  aom-terminator report --failed | aom-terminator enqueue - --format csv")]
     Enqueue(Box<EnqueueArgs>),
     /// What happened, from the audit, and what is still pending.
+    #[command(after_help = "\
+Examples:
+  aom-terminator report --since 1h
+  aom-terminator report --workflow wf-nightly --format json
+  aom-terminator report --failed > not-terminated.csv")]
     Report(Box<ReportArgs>),
 }
 
@@ -49,6 +80,28 @@ pub fn env_names() -> Vec<String> {
     names.sort();
     names.dedup();
     names
+}
+
+/// Parse `argv` as the command line alone: no flag falls back to its
+/// environment variable. For tests and benchmarks, which must get exactly
+/// the settings they pass, whatever the developer's shell holds.
+pub fn parse_args_only<P, I, T>(argv: I) -> Result<P, clap::Error>
+where
+    P: CommandFactory + FromArgMatches,
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let mut command = without_env(P::command());
+    let mut matches = command.try_get_matches_from_mut(argv)?;
+    P::from_arg_matches_mut(&mut matches).map_err(|e| e.format(&mut command))
+}
+
+/// `command` with no argument, in it or in any subcommand below it, reading
+/// the environment.
+fn without_env(command: clap::Command) -> clap::Command {
+    command
+        .mut_args(|a| a.env(None::<&str>))
+        .mut_subcommands(without_env)
 }
 
 /// A clap error as the one line the operator needs: the error itself and
@@ -73,7 +126,8 @@ mod tests {
 
     #[test]
     fn clap_errors_fold_to_one_line() {
-        let err = Cli::try_parse_from(["aom-terminator", "run"]).expect_err("missing settings");
+        let err =
+            parse_args_only::<Cli, _, _>(["aom-terminator", "run"]).expect_err("missing settings");
         let line = one_line(&err);
         assert!(line.starts_with("error:"), "{line}");
         assert!(line.contains("--aom-endpoint"), "{line}");
@@ -96,6 +150,66 @@ mod tests {
             "AOM_REQUESTED_BY",
         ] {
             assert!(names.iter().any(|n| n == name), "{name} missing: {names:?}");
+        }
+    }
+
+    /// Every command and subcommand, by its path (`dead-letters list`).
+    fn commands(command: &clap::Command, path: String, out: &mut Vec<(String, clap::Command)>) {
+        for sub in command.get_subcommands() {
+            let path = format!("{path} {}", sub.get_name()).trim().to_owned();
+            commands(sub, path.clone(), out);
+            out.push((path, sub.clone()));
+        }
+    }
+
+    #[test]
+    fn the_args_only_parse_reads_no_environment() {
+        let mut all = Vec::new();
+        commands(&without_env(Cli::command()), String::new(), &mut all);
+        assert!(
+            all.len() >= 8,
+            "{:?}",
+            all.iter().map(|c| &c.0).collect::<Vec<_>>()
+        );
+        for (path, command) in &all {
+            let reading: Vec<String> = command
+                .get_arguments()
+                .filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
+                .collect();
+            assert!(reading.is_empty(), "`{path}` still reads {reading:?}");
+        }
+        // The real command tree does read them: the walk above saw the same tree.
+        assert!(env_names().len() > 20);
+    }
+
+    #[test]
+    fn every_subcommand_shows_examples_in_its_help() {
+        let mut all = Vec::new();
+        commands(&Cli::command(), String::new(), &mut all);
+        let names: Vec<&str> = all.iter().map(|c| c.0.as_str()).collect();
+        for want in [
+            "run",
+            "migrate",
+            "sandbox",
+            "enqueue",
+            "report",
+            "dead-letters",
+            "dead-letters list",
+            "dead-letters replay",
+        ] {
+            assert!(names.contains(&want), "{want} missing from {names:?}");
+        }
+        for (path, command) in &all {
+            let help = command
+                .get_after_help()
+                .map(|h| h.to_string())
+                .unwrap_or_default();
+            let first = help.lines().next().unwrap_or("");
+            assert_eq!(first, "Examples:", "`{path}` --help");
+            assert!(
+                help.lines().skip(1).any(|l| l.contains("aom-terminator")),
+                "`{path}` has no example: {help}"
+            );
         }
     }
 }

@@ -1,13 +1,26 @@
 //! The `aom-terminator` binary: parse the command line, start logging, run
 //! the chosen subcommand until a signal.
+//!
+//! Data goes to standard output, everything else to standard error. A reader
+//! that closes standard output early (`| head`) ends the command quietly
+//! with exit 0, as it would a C tool killed by SIGPIPE, but without the 141.
 
 use aom_terminator::audit::Audit;
 use aom_terminator::cli::{Cli, Command, env_names, one_line};
 use aom_terminator::settings::ConfigError;
+use aom_terminator::tools::output::{Stdout, stdout_closed};
 use aom_terminator::tools::{dead_letters, enqueue, report};
 use aom_terminator::{daemon, sandbox, telemetry};
 use clap::Parser;
+use std::fmt::Display;
+use std::io::Write;
 use std::process::ExitCode;
+
+/// One line on standard error, even when it is closed (`eprintln!` would
+/// panic then).
+fn complain(line: impl Display) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
 
 fn main() -> ExitCode {
     // One crypto provider for every TLS user (the API and broker clients), chosen before
@@ -18,12 +31,12 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
-            // --help, --version
+            // --help, --version: to stdout; a closed pipe is ignored.
             let _ = e.print();
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            eprintln!("{}", one_line(&e));
+            complain(one_line(&e));
             return ExitCode::from(2);
         }
     };
@@ -41,16 +54,17 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            complain(format_args!("error: cannot start the async runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
+    let mut out = Stdout::new();
     runtime.block_on(async move {
         let result = match cli.command {
             Command::Run(args) => match args.validate() {
                 Ok(cfg) => daemon::run(cfg, shutdown_signal()).await,
                 Err(e) => {
-                    eprintln!("error: {e}");
+                    complain(format_args!("error: {e}"));
                     return ExitCode::from(2);
                 }
             },
@@ -61,29 +75,35 @@ fn main() -> ExitCode {
                     .map(|()| tracing::info!("audit schema is up to date"))
                     .map_err(anyhow::Error::from),
                 Err(e) => {
-                    eprintln!("error: {e}");
+                    complain(format_args!("error: {e}"));
                     return ExitCode::from(2);
                 }
             },
             Command::Sandbox(args) => sandbox::run(*args, shutdown_signal()).await,
-            Command::DeadLetters(args) => dead_letters::run(*args).await,
-            Command::Report(args) => report::run(*args).await,
+            Command::DeadLetters(args) => dead_letters::run(*args, &mut out).await,
+            Command::Report(args) => report::run(*args, &mut out).await,
             Command::Enqueue(args) => match enqueue::run(*args).await {
                 Ok(enqueue::Enqueued::Published) => Ok(()),
                 Ok(enqueue::Enqueued::Refused) => return ExitCode::from(1),
                 Err(e) => Err(e),
             },
         };
+        // What is still buffered goes out, also after an error; the
+        // command's own error comes first.
+        let flushed = out.flush();
+        let result = result.and_then(|()| Ok(flushed?));
         match result {
             Ok(()) => ExitCode::SUCCESS,
+            // Whoever read the output stopped reading: not an error.
+            Err(e) if stdout_closed(&e) => ExitCode::SUCCESS,
             // A bad setting or argument: one line, exit 2.
             Err(e) if e.is::<ConfigError>() => {
-                eprintln!("error: {e}");
+                complain(format_args!("error: {e}"));
                 ExitCode::from(2)
             }
             Err(e) => {
                 tracing::error!(error.cause_chain = ?e, "{e}");
-                eprintln!("error: {e:#}");
+                complain(format_args!("error: {e:#}"));
                 ExitCode::FAILURE
             }
         }

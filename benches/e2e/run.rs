@@ -4,7 +4,7 @@
 //! run.
 
 use aom_terminator::broker::{self, declare_topology, request_queue_arguments};
-use aom_terminator::cli::{Cli, Command as CliCommand, one_line};
+use aom_terminator::cli::{Cli, Command as CliCommand, one_line, parse_args_only};
 use aom_terminator::settings::DaemonConfig;
 
 use crate::Bench;
@@ -17,7 +17,7 @@ use crate::publish::{Published, epoch_now, message_bodies, publish_all, queue_de
 use crate::scenario::Scenario;
 use crate::verify::{SandboxSeen, check_audit, check_queues_empty, check_sandbox_stats};
 use anyhow::{Context, Result, anyhow, bail};
-use clap::{CommandFactory, Parser};
+use clap::CommandFactory;
 use lapin::options::QueueDeleteOptions;
 use lapin::{Channel, Connection};
 use sqlx::{Connection as _, PgConnection};
@@ -333,7 +333,7 @@ fn daemon_config(env: &[(String, String)]) -> Result<DaemonConfig> {
             argv.push(format!("--{long}={value}"));
         }
     }
-    let cli = <Cli as Parser>::try_parse_from(argv)
+    let cli = parse_args_only::<Cli, _, _>(argv)
         .map_err(|e| anyhow!("the daemon's settings do not parse: {}", one_line(&e)))?;
     match cli.command {
         CliCommand::Run(args) => args

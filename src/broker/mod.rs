@@ -96,16 +96,15 @@ fn confirmed(confirm: Confirmation) -> Result<(), BrokerError> {
 mod tests {
     use super::*;
     use crate::settings::BrokerArgs;
-    use clap::Parser;
 
-    #[derive(Parser)]
+    #[derive(clap::Parser)]
     struct Args {
         #[command(flatten)]
         broker: BrokerArgs,
     }
 
     fn settings(url: &str) -> AmqpSettings {
-        Args::try_parse_from(["x", "--amqp-url", url])
+        crate::cli::parse_args_only::<Args, _, _>(["x", "--amqp-url", url])
             .expect("parses")
             .broker
             .settings()

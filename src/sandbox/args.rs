@@ -338,7 +338,8 @@ mod tests {
             #[command(flatten)]
             sandbox: SandboxArgs,
         }
-        let cli = Cli::try_parse_from([
+        let parse = |argv: &[&str]| crate::cli::parse_args_only::<Cli, _, _>(argv.iter().copied());
+        let cli = parse(&[
             "x",
             "--listen",
             "127.0.0.1:0",
@@ -354,7 +355,7 @@ mod tests {
         assert_eq!(cli.sandbox.fail_ratios.to_string(), "500=0.5");
         let debug = format!("{:?}", cli.sandbox);
         assert!(!debug.contains("hunter2"), "{debug}");
-        assert!(Cli::try_parse_from(["x", "--fail-ratios", "500=2"]).is_err());
+        assert!(parse(&["x", "--fail-ratios", "500=2"]).is_err());
     }
 
     // ----- bucketing -----

@@ -163,7 +163,7 @@ mod tests {
             "tok",
         ];
         argv.extend_from_slice(extra);
-        <Run as clap::Parser>::try_parse_from(argv).map(|r| r.args)
+        crate::cli::parse_args_only::<Run, _, _>(argv).map(|r| r.args)
     }
 
     #[test]

@@ -2,11 +2,13 @@
 //! queue and why, and sending chosen requests again, each with a fresh
 //! request_id linked to the original (`replay_of`) so the audit keeps both.
 
+use super::output::note;
 use crate::broker::Admin;
 use crate::domain::{Item, Letter, ParsedMessage, WireRequest};
 use crate::settings::{AmqpSettings, BrokerArgs, ConfigError};
 use clap::{Args, Subcommand, ValueEnum};
 use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
 
 #[derive(Debug, Clone, Args)]
 pub struct DeadLettersArgs {
@@ -19,6 +21,14 @@ pub struct DeadLettersArgs {
 #[derive(Debug, Clone, Subcommand)]
 pub enum Action {
     /// Show the dead letters and why each is there (they stay in the queue).
+    ///
+    /// Tab-separated columns under a header line (`--format text`), or one
+    /// JSON object a line. On a terminal a last line on stderr counts them.
+    #[command(after_help = "\
+Examples:
+  aom-terminator dead-letters list | head -5
+  aom-terminator dead-letters list --format json | jq -r .request_id
+  aom-terminator dead-letters list | cut -f1 | sort | uniq -c")]
     List {
         /// Show at most this many.
         #[arg(long, default_value_t = 1000)]
@@ -28,6 +38,13 @@ pub enum Action {
     },
     /// Send dead-lettered requests back to the request queue with a fresh
     /// request_id and `replay_of` set to the original.
+    ///
+    /// Prints one line per request replayed (stdout) and a summary (stderr).
+    #[command(after_help = "\
+Examples:
+  aom-terminator dead-letters replay --reason failed-retries-exhausted --dry-run
+  aom-terminator dead-letters replay --workflow wf-nightly --limit 100
+  aom-terminator dead-letters replay --all > replayed.txt")]
     Replay {
         /// Every request whose retries ran out.
         #[arg(long, group = "choice")]
@@ -59,12 +76,13 @@ pub enum Reason {
     Rejected,
 }
 
-pub async fn run(args: DeadLettersArgs) -> anyhow::Result<()> {
+/// Run the chosen action, writing its data to `out`.
+pub async fn run(args: DeadLettersArgs, out: &mut impl Write) -> anyhow::Result<()> {
     let settings = args.broker.settings()?;
     let admin = Admin::open(&settings).await?;
     let result = match args.action {
         Action::List { limit, format } => {
-            list(&admin, &settings.dead_letter_queue, limit, format).await
+            list(&admin, &settings.dead_letter_queue, limit, format, out).await
         }
         Action::Replay {
             all,
@@ -88,7 +106,7 @@ pub async fn run(args: DeadLettersArgs) -> anyhow::Result<()> {
                 .into());
             }
             let filter = Filter { workflow };
-            replay(&admin, &settings, &filter, limit, dry_run).await
+            replay(&admin, &settings, &filter, limit, dry_run, out).await
         }
     };
     // Letters taken and not acked go back to the queue here.
@@ -96,7 +114,13 @@ pub async fn run(args: DeadLettersArgs) -> anyhow::Result<()> {
     result
 }
 
-async fn list(admin: &Admin, queue: &str, limit: usize, format: Format) -> anyhow::Result<()> {
+async fn list(
+    admin: &Admin,
+    queue: &str,
+    limit: usize,
+    format: Format,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
     let mut letters = Vec::new();
     while letters.len() < limit {
         let Some(taken) = admin.take(queue).await? else {
@@ -107,16 +131,18 @@ async fn list(admin: &Admin, queue: &str, limit: usize, format: Format) -> anyho
     match format {
         Format::Json => {
             for l in &letters {
-                println!("{}", serde_json::to_string(l)?);
+                writeln!(out, "{}", serde_json::to_string(l)?)?;
             }
         }
         Format::Text => {
-            println!(
+            writeln!(
+                out,
                 "reason\trequest_id\tworkflow_id\texecution_id\thttp_status\terror_code\terror\tdead_lettered_at"
-            );
+            )?;
             for l in &letters {
                 let c = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_owned());
-                println!(
+                writeln!(
+                    out,
                     "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
                     l.reason,
                     c(&l.request_id),
@@ -126,12 +152,18 @@ async fn list(admin: &Admin, queue: &str, limit: usize, format: Format) -> anyho
                     c(&l.error_code),
                     c(&l.error).replace(['\t', '\n'], " "),
                     c(&l.dead_lettered_at),
+                )?;
+            }
+            // A footer for the person reading the table. When the table goes
+            // to a pipe or a file, stderr stays quiet: `list | head -1` prints
+            // one line and nothing else.
+            out.flush()?;
+            if std::io::stdout().is_terminal() {
+                note!(
+                    "{} dead letter(s) shown; they stay in {queue}",
+                    letters.len()
                 );
             }
-            eprintln!(
-                "{} dead letter(s) shown; they stay in {queue}",
-                letters.len()
-            );
         }
     }
     Ok(())
@@ -147,6 +179,7 @@ async fn replay(
     filter: &Filter,
     limit: usize,
     dry_run: bool,
+    out: &mut impl Write,
 ) -> anyhow::Result<()> {
     let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%3fZ").to_string();
     let (mut replayed, mut kept) = (0usize, BTreeMap::<String, usize>::new());
@@ -169,20 +202,28 @@ async fn replay(
             continue;
         };
         if dry_run {
-            println!(
+            writeln!(
+                out,
                 "would replay {}",
                 letter.request_id.as_deref().unwrap_or("-")
-            );
+            )?;
         } else {
             admin.publish(&settings.queue, &body).await?;
             taken.ack().await?;
-            println!("replayed {}", letter.request_id.as_deref().unwrap_or("-"));
+            writeln!(
+                out,
+                "replayed {}",
+                letter.request_id.as_deref().unwrap_or("-")
+            )?;
         }
+        // Each line as it happens (a replay waits for the broker's confirm
+        // anyway); a reader that went away stops the replay here.
+        out.flush()?;
         replayed += 1;
     }
     let verb = if dry_run { "would replay" } else { "replayed" };
     let kept: Vec<String> = kept.iter().map(|(why, n)| format!("{n} {why}")).collect();
-    eprintln!(
+    note!(
         "{verb} {replayed} request(s) to {}; kept in {}: {}",
         settings.queue,
         settings.dead_letter_queue,

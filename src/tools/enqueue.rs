@@ -4,6 +4,7 @@
 //! (unless `--skip-invalid`); then batch messages go out with publisher
 //! confirms and the mandatory flag, so nothing is silently dropped.
 
+use super::output::note;
 use crate::broker::Admin;
 use crate::domain::{Item, MAX_BATCH, ParsedMessage, TerminationRequest, WireRequest, batch_body};
 use crate::settings::{BrokerArgs, ConfigError};
@@ -243,13 +244,13 @@ pub async fn run(args: EnqueueArgs) -> anyhow::Result<Enqueued> {
     let requested_by = args.requested_by.clone().unwrap_or_else(login_name);
     let (requests, bad) = parse_input(&text, format, &requested_by)?;
     for b in bad.iter().take(100) {
-        eprintln!("line {}: {}", b.line, b.error);
+        note!("line {}: {}", b.line, b.error);
     }
     if bad.len() > 100 {
-        eprintln!("... and {} more bad lines", bad.len() - 100);
+        note!("... and {} more bad lines", bad.len() - 100);
     }
     if !bad.is_empty() && !args.skip_invalid {
-        eprintln!(
+        note!(
             "{} bad line(s), {} good: nothing published (fix them, or pass --skip-invalid)",
             bad.len(),
             requests.len()
@@ -257,7 +258,7 @@ pub async fn run(args: EnqueueArgs) -> anyhow::Result<Enqueued> {
         return Ok(Enqueued::Refused);
     }
     if args.dry_run {
-        eprintln!(
+        note!(
             "dry run: {} request(s) valid, {} bad line(s) skipped; nothing published",
             requests.len(),
             bad.len()
@@ -284,7 +285,7 @@ pub async fn run(args: EnqueueArgs) -> anyhow::Result<Enqueued> {
     progress.finish();
     result?;
     let secs = started.elapsed().as_secs_f64();
-    eprintln!(
+    note!(
         "published {published} request(s) in {messages} message(s) to {} in {secs:.1}s ({:.0}/s){}",
         settings.queue,
         published as f64 / secs.max(1e-3),
@@ -323,25 +324,27 @@ impl Progress {
         if self.tty {
             let width = 30;
             let filled = width * done / self.total.max(1);
-            eprint!(
+            let mut stderr = std::io::stderr();
+            let _ = write!(
+                stderr,
                 "\r[{}{}] {done}/{} {rate:.0}/s eta {eta:.0}s ",
                 "#".repeat(filled),
                 " ".repeat(width - filled),
                 self.total
             );
-            let _ = std::io::stderr().flush();
+            let _ = stderr.flush();
         } else {
             let tenth = 10 * done / self.total.max(1);
             if tenth > self.last_tenth {
                 self.last_tenth = tenth;
-                eprintln!("published {done}/{} ({rate:.0}/s)", self.total);
+                note!("published {done}/{} ({rate:.0}/s)", self.total);
             }
         }
     }
 
     fn finish(&self) {
         if self.tty {
-            eprintln!();
+            note!("");
         }
     }
 }

@@ -1,6 +1,7 @@
 //! `aom-terminator report`: what happened, from the audit, and what is
 //! still pending in the queue.
 
+use super::output::csv_error;
 use crate::audit::report::{Filter, Reports, Summary};
 use crate::broker::management::{QueueCounts, queue_counts};
 use crate::domain::Outcome;
@@ -8,7 +9,7 @@ use crate::settings::{BrokerArgs, DatabaseArgs};
 use chrono::{DateTime, Utc};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
 #[derive(Debug, Clone, Args)]
@@ -92,11 +93,12 @@ impl ReportArgs {
     }
 }
 
-pub async fn run(args: ReportArgs) -> anyhow::Result<()> {
+/// Write the report (or, with `--failed`, the failed requests) to `out`.
+pub async fn run(args: ReportArgs, out: &mut impl Write) -> anyhow::Result<()> {
     let reports = Reports::connect(&args.database.settings()?).await?;
     let filter = args.filter();
     if args.failed {
-        return failed_csv(&reports, &filter).await;
+        return failed_csv(&reports, &filter, out).await;
     }
     let summary = reports.summary(&filter).await?;
     let pending = match args.broker.settings() {
@@ -115,34 +117,41 @@ pub async fn run(args: ReportArgs) -> anyhow::Result<()> {
     } else {
         ReportFormat::Json
     });
-    match format {
-        ReportFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        ReportFormat::Csv => print!("{}", to_csv(&report)),
-        ReportFormat::Table => print!("{}", to_table(&report)),
-    }
+    let text = match format {
+        ReportFormat::Json => serde_json::to_string_pretty(&report)? + "\n",
+        ReportFormat::Csv => to_csv(&report),
+        ReportFormat::Table => to_table(&report),
+    };
+    out.write_all(text.as_bytes())?;
     Ok(())
 }
 
-async fn failed_csv(reports: &Reports, filter: &Filter) -> anyhow::Result<()> {
+async fn failed_csv(
+    reports: &Reports,
+    filter: &Filter,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
     let rows = reports.failed(filter).await?;
-    let mut out = csv::Writer::from_writer(std::io::stdout());
-    out.write_record([
+    let mut csv = csv::Writer::from_writer(out);
+    csv.write_record([
         "project_id",
         "workflow_id",
         "execution_id",
         "reason",
         "requested_by",
-    ])?;
+    ])
+    .map_err(csv_error)?;
     for r in rows {
-        out.write_record([
+        csv.write_record([
             r.project_id,
             r.workflow_id,
             r.execution_id,
             r.reason.unwrap_or_default(),
             r.requested_by.unwrap_or_default(),
-        ])?;
+        ])
+        .map_err(csv_error)?;
     }
-    out.flush()?;
+    csv.flush()?;
     Ok(())
 }
 

@@ -9,7 +9,10 @@
 #![allow(dead_code)] // not every test binary uses every helper
 
 use aom_terminator::broker::{declare_topology, request_queue_arguments};
-use aom_terminator::cli::{Cli, Command};
+// The daemon in-process gets exactly the flags a test gives it: its
+// settings' environment variables (CLOUD_SDK_AK, RATE_LIMIT, ... in the
+// developer's shell) are not read.
+use aom_terminator::cli::{Cli, Command, parse_args_only};
 use aom_terminator::sandbox::{RunningSandbox, Sandbox, SandboxArgs};
 use aom_terminator::settings::{DaemonConfig, LogFormat, RunArgs};
 use lapin::options::{
@@ -206,7 +209,8 @@ impl TestEnv {
         .collect();
         argv.extend(auth.iter().map(|s| s.to_string()));
         argv.extend(extra.iter().map(|s| s.to_string()));
-        match Cli::try_parse_from_args(argv).command {
+        let cli: Cli = parse_args_only(argv).expect("test arguments parse");
+        match cli.command {
             Command::Run(args) => *args,
             _ => panic!("not a run command"),
         }
@@ -569,16 +573,6 @@ fn with_database(url: &str, name: &str) -> String {
     match query {
         Some(q) => format!("{prefix}/{name}?{q}"),
         None => format!("{prefix}/{name}"),
-    }
-}
-
-trait ParseArgs {
-    fn try_parse_from_args(argv: Vec<String>) -> Cli;
-}
-
-impl ParseArgs for Cli {
-    fn try_parse_from_args(argv: Vec<String>) -> Cli {
-        <Cli as clap::Parser>::try_parse_from(argv).expect("test arguments parse")
     }
 }
 

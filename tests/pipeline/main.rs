@@ -3,6 +3,7 @@
 mod auth;
 mod binary;
 mod helpers;
+mod manners;
 mod pacing;
 mod tools;
 
