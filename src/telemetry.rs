@@ -41,6 +41,25 @@ pub fn cause_chain(err: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
+/// The rustls error somewhere in `err`'s sources, as one line. An I/O
+/// error hides its inner error from `source()`, so it is looked into.
+pub fn tls_failure(err: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(tls.to_string());
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && let Some(inner) = io.get_ref()
+            && let Some(tls) = inner.downcast_ref::<rustls::Error>()
+        {
+            return Some(tls.to_string());
+        }
+        next = e.source();
+    }
+    None
+}
+
 /// A run of the same failure, logged as its first occurrence and then one
 /// line a minute saying how many followed.
 #[derive(Debug, Default)]

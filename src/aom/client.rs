@@ -6,6 +6,7 @@ use super::auth::{Auth, AuthError, CallInfo};
 use super::classify::{classify_answer, classify_transport_error};
 use crate::domain::{Attempt, TerminationRequest};
 use crate::settings::AuthSettings;
+use crate::telemetry::tls_failure;
 use chrono::Utc;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::Url;
@@ -28,8 +29,21 @@ const JSON: &str = "application/json";
 pub enum ApiError {
     #[error("cannot build the HTTP client")]
     Client(#[source] reqwest::Error),
+    #[error("AOM_CA_FILE holds no usable certificate")]
+    Ca(#[source] reqwest::Error),
     #[error(transparent)]
     Auth(#[from] AuthError),
+}
+
+/// Why a call could not be made or could not be trusted: a fault of the
+/// configuration, not a verdict on the request. The dispatcher pauses on it
+/// as on a 401, probes, and resumes by itself.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CallError {
+    #[error("no credentials for the AOM API: {0}")]
+    Auth(#[from] AuthError),
+    #[error("TLS with the AOM API at {host} failed: {why}")]
+    Tls { host: String, why: String },
 }
 
 #[derive(Clone)]
@@ -51,13 +65,23 @@ impl std::fmt::Debug for TerminateClient {
 impl TerminateClient {
     /// `pool` is the number of keep-alive connections kept per host: the
     /// concurrency, so that a steady load never reconnects.
+    /// `ca_pem`: CAs trusted besides the system's roots (AOM_CA_FILE), for
+    /// the API and IAM alike. Proxies come from `HTTPS_PROXY`, `HTTP_PROXY`
+    /// and `NO_PROXY`, as reqwest reads them; none by default.
     pub fn new(
         endpoint: &Url,
         auth: &AuthSettings,
         timeout: Duration,
         pool: usize,
+        ca_pem: Option<&str>,
     ) -> Result<Self, ApiError> {
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if let Some(pem) = ca_pem {
+            let certs =
+                reqwest::Certificate::from_pem_bundle(pem.as_bytes()).map_err(ApiError::Ca)?;
+            builder = builder.tls_certs_merge(certs);
+        }
+        let http = builder
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             // A redirect means a misconfigured endpoint: surface it instead of
@@ -95,9 +119,10 @@ impl TerminateClient {
         &self.auth
     }
 
-    /// One attempt. A network error is an attempt too; only a credential
-    /// that cannot be had (IAM refusing, say) fails, and no call is made.
-    pub async fn terminate(&self, req: &TerminationRequest) -> Result<Attempt, AuthError> {
+    /// One attempt. A network error is an attempt too; a credential that
+    /// cannot be had (IAM refusing, say) fails with no call made, and so
+    /// does a TLS failure (an unknown CA, a name that does not match).
+    pub async fn terminate(&self, req: &TerminationRequest) -> Result<Attempt, CallError> {
         let parsed = self.url_for(req);
         let credential = self
             .auth
@@ -135,7 +160,15 @@ impl TerminateClient {
             Ok((status, headers, body)) => {
                 classify_answer(status, &headers, &body, started_at, latency)
             }
-            Err(e) => classify_transport_error(&e, started_at, latency),
+            Err(e) => match tls_failure(&e) {
+                Some(why) => {
+                    return Err(CallError::Tls {
+                        host: self.base.host_str().unwrap_or_default().to_owned(),
+                        why,
+                    });
+                }
+                None => classify_transport_error(&e, started_at, latency),
+            },
         };
         attempt.auth_generation = credential.generation;
         Ok(attempt)
@@ -167,6 +200,7 @@ mod tests {
             &AuthSettings::Token(secrecy::SecretString::from("t")),
             Duration::from_secs(1),
             1,
+            None,
         )
         .expect("client");
         let req = TerminationRequest {

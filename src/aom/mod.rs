@@ -7,4 +7,4 @@ pub mod auth;
 pub mod classify;
 mod client;
 
-pub use client::{ApiError, TerminateClient};
+pub use client::{ApiError, CallError, TerminateClient};

@@ -19,14 +19,14 @@ pub use records::{FinalRecord, Record};
 pub use writer::AuditWriter;
 
 use crate::settings::{ConfigError, DatabaseSettings};
-use crate::telemetry::cause_chain;
+use crate::telemetry::{Repeats, cause_chain, tls_failure};
 use backon::{ExponentialBuilder, Retryable};
 use kept::Kept;
 use secrecy::ExposeSecret;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use std::future::Future;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -39,6 +39,38 @@ pub enum AuditError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("audit database call got no answer within {0:?}")]
     Timeout(Duration),
+}
+
+impl AuditError {
+    /// Why retrying cannot help, when that is so: the database refused the
+    /// credentials, does not exist, or TLS failed (an unknown CA, a name
+    /// that does not match, TLS required on one side and off on the other).
+    /// `None` for what may pass (refused, timed out, restarting).
+    pub fn needs_a_person(&self) -> Option<String> {
+        match self {
+            AuditError::Query(e) | AuditError::Migrate(sqlx::migrate::MigrateError::Execute(e)) => {
+                sqlx_needs_a_person(e)
+            }
+            _ => None,
+        }
+    }
+}
+
+fn sqlx_needs_a_person(e: &sqlx::Error) -> Option<String> {
+    match e {
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            // invalid_password; invalid_authorization_specification (no
+            // such role, or no pg_hba.conf entry: TLS off where it is required)
+            Some("28P01" | "28000") => Some(format!("refused: {}", db.message())),
+            // invalid_catalog_name
+            Some("3D000") => Some(format!("no such database: {}", db.message())),
+            _ => None,
+        },
+        sqlx::Error::Tls(e) => Some(format!("TLS failed: {}", cause_chain(e.as_ref()))),
+        sqlx::Error::Io(io) => tls_failure(io).map(|why| format!("TLS failed: {why}")),
+        sqlx::Error::Configuration(e) => Some(format!("bad settings: {}", cause_chain(e.as_ref()))),
+        _ => None,
+    }
 }
 
 /// Log directives that quiet sqlx's pool: it warns about slow acquires and
@@ -62,6 +94,8 @@ pub struct Audit {
     /// False from a failed database call until the next one succeeds: the
     /// daemon takes no new messages meanwhile, and is not ready.
     healthy: Arc<watch::Sender<bool>>,
+    /// The failures of the current outage, for one log line a minute.
+    failing: Arc<Mutex<Repeats>>,
 }
 
 impl Audit {
@@ -91,6 +125,7 @@ impl Audit {
             pool,
             writes,
             healthy: Arc::new(watch::Sender::new(true)),
+            failing: Arc::default(),
         })
     }
 
@@ -111,13 +146,29 @@ impl Audit {
     /// one INFO when it answers again; the retries between log at DEBUG.
     fn set_healthy(&self, ok: bool, error: Option<&AuditError>) {
         let was = self.healthy.send_replace(ok);
-        if was && !ok {
-            tracing::warn!(
+        let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+        if ok {
+            if let Some(n) = failing.ended()
+                && !was
+            {
+                tracing::info!(
+                    failed_calls = n,
+                    "the audit database answers again; resuming"
+                );
+            }
+            return;
+        }
+        match failing.failed() {
+            Some(0) => tracing::warn!(
                 error.cause_chain = error.map(|e| cause_chain(e)),
                 "the audit database is failing: no new messages are taken until it answers"
-            );
-        } else if !was && ok {
-            tracing::info!("the audit database answers again; resuming");
+            ),
+            Some(n) => tracing::warn!(
+                error.cause_chain = error.map(|e| cause_chain(e)),
+                failed_calls = n,
+                "the audit database is still failing"
+            ),
+            None => {}
         }
     }
 

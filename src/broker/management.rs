@@ -15,8 +15,9 @@ pub struct QueueCounts {
 }
 
 /// The counts of `settings.queue`: from the management API at
-/// `management_url` when it answers, else the ready count over AMQP.
-pub async fn queue_counts(settings: &AmqpSettings, management_url: &str) -> QueueCounts {
+/// `management_url` (checked by `settings::management_url`) when it
+/// answers, else the ready count over AMQP.
+pub async fn queue_counts(settings: &AmqpSettings, management_url: &url::Url) -> QueueCounts {
     if let Some((ready, unacked)) = from_management(settings, management_url).await {
         return QueueCounts {
             ready: Some(ready),
@@ -37,20 +38,24 @@ pub async fn queue_counts(settings: &AmqpSettings, management_url: &str) -> Queu
     }
 }
 
-async fn from_management(settings: &AmqpSettings, management_url: &str) -> Option<(u64, u64)> {
+async fn from_management(settings: &AmqpSettings, management_url: &url::Url) -> Option<(u64, u64)> {
     let uri = super::uri(settings).ok()?;
     let encode = |s: &str| {
         percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
     };
     let url = format!(
         "{}/api/queues/{}/{}",
-        management_url.trim_end_matches('/'),
+        management_url.as_str().trim_end_matches('/'),
         encode(&uri.vhost),
         encode(&settings.queue)
     );
     let auth = &uri.authority.userinfo;
-    let resp = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
+    let mut client = reqwest::Client::builder().timeout(Duration::from_secs(5));
+    if let Some(ca) = &settings.tls.ca_pem {
+        // The system's roots, and the private CA.
+        client = client.tls_certs_merge(reqwest::Certificate::from_pem_bundle(ca.as_bytes()).ok()?);
+    }
+    let resp = client
         .build()
         .ok()?
         .get(url)

@@ -17,6 +17,9 @@ pub use session::{Incoming, Session};
 pub use topology::{dead_letter_queue_arguments, declare_topology, request_queue_arguments};
 
 use crate::settings::{AmqpSettings, ConfigError};
+use crate::telemetry::tls_failure;
+use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::uri::AMQPUri;
 use lapin::{Confirmation, Connection, ConnectionProperties};
 use secrecy::ExposeSecret;
@@ -73,13 +76,68 @@ pub async fn connect(s: &AmqpSettings, name: &str) -> Result<Connection, BrokerE
     // new connection, channels and consumer itself (see `daemon`), so the
     // delivery tags of a dead channel are never confused with a new one's.
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect_uri(uri(s)?, props)
+    let connect_error = |source| BrokerError::Connect {
+        host: s.host.clone(),
+        port: s.port,
+        source,
+    };
+    // amqps: the system's roots plus AMQP_CA_FILE, and the client
+    // certificate where the broker wants one (lapin and rustls do the rest).
+    let tls = OwnedTLSConfig {
+        identity: s
+            .tls
+            .client
+            .as_ref()
+            .map(|(cert, key)| OwnedIdentity::PKCS8 {
+                pem: cert.as_bytes().to_vec(),
+                key: key.expose_secret().as_bytes().to_vec(),
+            }),
+        cert_chain: s.tls.ca_pem.clone(),
+    };
+    let runtime = lapin::runtime::default_runtime().map_err(connect_error)?;
+    Connection::connect_uri_with_config(uri(s)?, props, tls, runtime)
         .await
-        .map_err(|source| BrokerError::Connect {
-            host: s.host.clone(),
-            port: s.port,
-            source,
-        })
+        .map_err(connect_error)
+}
+
+impl BrokerError {
+    /// Why retrying cannot help, when that is so: the broker refused the
+    /// credentials or the vhost, or TLS failed (an unknown CA, a name that
+    /// does not match, TLS on one side only). `None` for what may pass
+    /// (refused, timed out, name not resolved).
+    pub fn needs_a_person(&self) -> Option<String> {
+        let BrokerError::Connect { source, .. } = self else {
+            return match self {
+                BrokerError::Settings(e) => Some(e.to_string()),
+                _ => None,
+            };
+        };
+        match source.kind() {
+            lapin::ErrorKind::ProtocolError(e) => match e.kind() {
+                AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => Some(format!(
+                    "the broker refused the credentials ({})",
+                    e.get_message()
+                )),
+                AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => Some(format!(
+                    "the broker refused the vhost ({})",
+                    e.get_message()
+                )),
+                _ => None,
+            },
+            lapin::ErrorKind::IOError(io) => {
+                tls_failure(io.as_ref()).map(|why| format!("TLS failed: {why}"))
+            }
+            lapin::ErrorKind::ParsingError(_) | lapin::ErrorKind::InvalidProtocolVersion(_) => {
+                Some(
+                    "the peer does not speak plain AMQP (a TLS port? then use amqps://)".to_owned(),
+                )
+            }
+            lapin::ErrorKind::AuthProviderError(why) => {
+                Some(format!("authentication failed: {why}"))
+            }
+            _ => None,
+        }
+    }
 }
 
 /// A confirmed, routed publish is the only success.

@@ -2,8 +2,7 @@
 //! `CONCURRENCY` API calls in flight across the whole daemon, and the 401
 //! pause that keeps bad credentials from failing anybody's request.
 
-use crate::aom::TerminateClient;
-use crate::aom::auth::AuthError;
+use crate::aom::{CallError, TerminateClient};
 use crate::domain::{Attempt, ErrorKind, Outcome, TerminationRequest, Verdict};
 use crate::metrics::Metrics;
 use crate::retry::{ProbeSchedule, RetryPolicy};
@@ -28,11 +27,12 @@ pub struct Dispatched {
 /// say that a credential was refused. [`TerminateClient`] in the daemon; a
 /// scripted fake in the unit tests.
 pub trait Api: Send + Sync + 'static {
-    /// One attempt; `Err` only when no credential could be had (no call made).
+    /// One attempt; `Err` when no credential could be had or TLS failed (a
+    /// fault of the configuration: no verdict on the request).
     fn terminate(
         &self,
         req: &TerminationRequest,
-    ) -> impl Future<Output = Result<Attempt, AuthError>> + Send;
+    ) -> impl Future<Output = Result<Attempt, CallError>> + Send;
 
     /// The API answered 401 to a call made with `generation`: whether a new
     /// credential may now be available (worth one immediate retry).
@@ -40,7 +40,7 @@ pub trait Api: Send + Sync + 'static {
 }
 
 impl Api for TerminateClient {
-    async fn terminate(&self, req: &TerminationRequest) -> Result<Attempt, AuthError> {
+    async fn terminate(&self, req: &TerminationRequest) -> Result<Attempt, CallError> {
         TerminateClient::terminate(self, req).await
     }
 
@@ -136,7 +136,7 @@ impl<A: Api> Dispatcher<A> {
                         Call::Answered(answer) => answer,
                         Call::Aborted => return unfinished(attempts),
                         Call::NoCredential(e) => {
-                            let why = format!("no credentials for the AOM API: {e}");
+                            let why = e.to_string();
                             match self.probe_until_authorized(req, &mut attempts, &why).await {
                                 Probe::Aborted => return unfinished(attempts),
                                 Probe::Reopened => continue,
@@ -317,7 +317,7 @@ impl<A: Api> Dispatcher<A> {
 
 enum Call {
     Answered(Attempt),
-    NoCredential(AuthError),
+    NoCredential(CallError),
     Aborted,
 }
 

@@ -23,7 +23,7 @@ use crate::broker::{self, AckHandle, DeadLetters, Incoming, Session};
 use crate::domain::{Message, Outcome, ParsedMessage};
 use crate::metrics::Metrics;
 use crate::retry::RetryPolicy;
-use crate::settings::DaemonConfig;
+use crate::settings::{ConfigError, DaemonConfig};
 use crate::telemetry::{Repeats, cause_chain};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
@@ -121,14 +121,16 @@ async fn serve(
     // before anything connects: a bad setting is one line and exit 2.
     broker::uri(&cfg.amqp)?;
     let audit = Audit::new(&cfg.database, 10)?;
-    if audit
-        .until_done("audit migrations", &stop, || audit.migrate())
-        .await
-        .is_none()
-    {
+    if !migrate_at_start(&audit, &cfg, &stop).await? {
         return Ok(());
     }
-    let client = TerminateClient::new(&cfg.endpoint, &cfg.auth, cfg.http_timeout, cfg.concurrency)?;
+    let client = TerminateClient::new(
+        &cfg.endpoint,
+        &cfg.auth,
+        cfg.http_timeout,
+        cfg.concurrency,
+        cfg.aom_ca_pem.as_deref(),
+    )?;
     let policy = RetryPolicy {
         initial: cfg.backoff_initial,
         max: cfg.backoff_max,
@@ -200,6 +202,7 @@ async fn serve(
     let mut sessions: Vec<Session> = Vec::new();
     let mut unavailable = Repeats::default();
     let mut lost_at: Option<Instant> = None;
+    let mut ever_opened = false;
     while !stop.is_cancelled() {
         let session = tokio::select! {
             s = Session::open(&cfg.amqp, cfg.prefetch) => s,
@@ -208,6 +211,10 @@ async fn serve(
         let session = match session {
             Ok(s) => s,
             Err(e) => {
+                if !ever_opened && let Some(why) = e.needs_a_person() {
+                    let (host, port) = (&cfg.amqp.host, cfg.amqp.port);
+                    return Err(ConfigError(format!("the broker at {host}:{port}: {why}")).into());
+                }
                 let delay = reconnect.next().unwrap_or(Duration::from_secs(30));
                 match unavailable.failed() {
                     Some(0) => tracing::warn!(
@@ -230,6 +237,7 @@ async fn serve(
             }
         };
         unavailable.ended();
+        ever_opened = true;
         let opened_at = Instant::now();
         dead_letters.attach(&session);
         let tally = Arc::new(Tally::default());
@@ -318,6 +326,51 @@ async fn serve(
     summary.abort();
     tracing::info!("aom-terminator stopped");
     Ok(())
+}
+
+/// Apply the migrations, retrying what may pass. Before the database has
+/// answered once, what only a person can fix (credentials, a database that
+/// does not exist, TLS) is one line and exit 2 rather than a retry loop.
+/// `Ok(false)` if stopped first.
+async fn migrate_at_start(
+    audit: &Audit,
+    cfg: &DaemonConfig,
+    stop: &CancellationToken,
+) -> anyhow::Result<bool> {
+    let mut backoff = reconnect_backoff();
+    let mut failing = Repeats::default();
+    let (host, port) = (&cfg.database.host, cfg.database.port);
+    loop {
+        let error = tokio::select! {
+            result = audit.migrate() => match result {
+                Ok(()) => {
+                    if let Some(n) = failing.ended() {
+                        tracing::info!(failed_attempts = n, "the audit database answers; migrations applied");
+                    }
+                    return Ok(true);
+                }
+                Err(e) => e,
+            },
+            () = stop.cancelled() => return Ok(false),
+        };
+        if let Some(why) = error.needs_a_person() {
+            return Err(ConfigError(format!("the audit database at {host}:{port}: {why}")).into());
+        }
+        match failing.failed() {
+            Some(n) => tracing::warn!(
+                error.cause_chain = %cause_chain(&error),
+                failed_attempts = n,
+                "the audit database at {host}:{port} is unavailable; retrying until it answers"
+            ),
+            None => {
+                tracing::debug!(error.cause_chain = %cause_chain(&error), "audit database unavailable")
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff.next().unwrap_or(Duration::from_secs(30))) => {}
+            () = stop.cancelled() => return Ok(false),
+        }
+    }
 }
 
 fn reconnect_backoff() -> impl Iterator<Item = Duration> {

@@ -5,7 +5,7 @@
 
 use super::in_flight::InFlight;
 use super::*;
-use crate::aom::auth::AuthError;
+use crate::aom::CallError;
 use crate::audit::Record;
 use crate::domain::{Attempt, DeadLetter, ErrorKind, Header, TerminationRequest, Verdict};
 use crate::sandbox::{Sandbox, SandboxArgs};
@@ -166,7 +166,7 @@ fn answer(status: u16) -> Attempt {
 }
 
 impl Api for FakeApi {
-    async fn terminate(&self, req: &TerminationRequest) -> Result<Attempt, AuthError> {
+    async fn terminate(&self, req: &TerminationRequest) -> Result<Attempt, CallError> {
         let ex = req.execution_id.as_str().to_owned();
         self.calls
             .lock()
@@ -602,6 +602,7 @@ async fn the_real_client_against_the_sandbox_classifies_and_retries() {
         &AuthSettings::Token("t".to_owned().into()),
         Duration::from_secs(5),
         4,
+        None,
     )
     .expect("client");
     let w = world(client, 3, |_, _| {});

@@ -1,8 +1,9 @@
 //! The broker and its queues: shared by the daemon and the operator tools.
 
-use super::{ConfigError, secret};
+use super::{ConfigError, read_pem, secret};
 use clap::Args;
 use secrecy::{ExposeSecret, SecretString};
+use std::path::PathBuf;
 
 /// The broker and the queues, as flags with environment fallbacks.
 #[derive(Debug, Clone, Args)]
@@ -30,6 +31,25 @@ pub struct BrokerArgs {
     /// Deliveries of one message before the broker dead-letters it (x-delivery-limit).
     #[arg(long, env = "DELIVERY_LIMIT", default_value_t = 20)]
     pub delivery_limit: u32,
+    /// PEM bundle of CAs trusted for `amqps://` (and an https management
+    /// API), besides the system's roots: a private CA.
+    #[arg(long, env = "AMQP_CA_FILE")]
+    pub amqp_ca_file: Option<PathBuf>,
+    /// PEM client certificate, for a broker that requires mutual TLS.
+    #[arg(long, env = "AMQP_CLIENT_CERT")]
+    pub amqp_client_cert: Option<PathBuf>,
+    /// PEM private key of AMQP_CLIENT_CERT.
+    #[arg(long, env = "AMQP_CLIENT_KEY")]
+    pub amqp_client_key: Option<PathBuf>,
+}
+
+/// TLS to the broker, read from the files the settings name.
+#[derive(Clone, Default)]
+pub struct AmqpTls {
+    /// Extra trusted CAs (PEM), added to the system's roots.
+    pub ca_pem: Option<String>,
+    /// Client certificate (PEM) and its key (PEM), for mutual TLS.
+    pub client: Option<(String, SecretString)>,
 }
 
 /// Broker settings, checked. `url` holds the password: `Debug` shows only
@@ -44,6 +64,7 @@ pub struct AmqpSettings {
     pub queue: String,
     pub dead_letter_queue: String,
     pub delivery_limit: u32,
+    pub tls: AmqpTls,
 }
 
 impl std::fmt::Debug for AmqpSettings {
@@ -55,6 +76,8 @@ impl std::fmt::Debug for AmqpSettings {
             .field("queue", &self.queue)
             .field("dead_letter_queue", &self.dead_letter_queue)
             .field("delivery_limit", &self.delivery_limit)
+            .field("private_ca", &self.tls.ca_pem.is_some())
+            .field("client_certificate", &self.tls.client.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -92,6 +115,18 @@ impl BrokerArgs {
         if self.delivery_limit == 0 {
             return err("DELIVERY_LIMIT must be at least 1".to_owned());
         }
+        let ca_pem = match &self.amqp_ca_file {
+            Some(path) => Some(read_pem(path, "AMQP_CA_FILE", "CERTIFICATE")?),
+            None => None,
+        };
+        let client = match (&self.amqp_client_cert, &self.amqp_client_key) {
+            (Some(cert), Some(key)) => Some((
+                read_pem(cert, "AMQP_CLIENT_CERT", "CERTIFICATE")?,
+                SecretString::from(read_pem(key, "AMQP_CLIENT_KEY", "PRIVATE KEY")?),
+            )),
+            (None, None) => None,
+            _ => return err("AMQP_CLIENT_CERT and AMQP_CLIENT_KEY go together".to_owned()),
+        };
         Ok(AmqpSettings {
             url: self.amqp_url.clone(),
             host,
@@ -100,6 +135,52 @@ impl BrokerArgs {
             queue: self.terminate_queue.clone(),
             dead_letter_queue: self.dead_letter_queue.clone(),
             delivery_limit: self.delivery_limit,
+            tls: AmqpTls { ca_pem, client },
         })
+    }
+}
+
+/// The management API's address, checked: credentials from `AMQP_URL` are
+/// never sent over plain http to a host that is not this machine.
+pub fn management_url(raw: &str) -> Result<url::Url, ConfigError> {
+    let bad = |why: &str| ConfigError(format!("RABBITMQ_MANAGEMENT_URL {why}"));
+    let url = url::Url::parse(raw.trim()).map_err(|_| bad("is not a valid URL"))?;
+    match url.scheme() {
+        "https" => Ok(url),
+        "http" if is_loopback(&url) => Ok(url),
+        "http" => Err(bad(
+            "is plain http:// to a host that is not loopback: the broker's credentials would \
+             cross the network in clear. Use https:// (a private CA goes in AMQP_CA_FILE)",
+        )),
+        _ => Err(bad("must be an http:// or https:// URL")),
+    }
+}
+
+fn is_loopback(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_go_over_plain_http_to_loopback_only() {
+        for ok in [
+            "http://127.0.0.1:15672",
+            "http://localhost:15672/",
+            "http://[::1]:15672",
+            "https://mq.example.com",
+        ] {
+            assert!(management_url(ok).is_ok(), "{ok}");
+        }
+        let err = management_url("http://mq.example.com:15672").expect_err("refused");
+        assert!(err.0.contains("https://"), "says how to fix it: {}", err.0);
+        assert!(management_url("ftp://x").is_err());
     }
 }

@@ -4,9 +4,10 @@
 use super::auth::{AuthArgs, AuthSettings, http_url};
 use super::broker::{AmqpSettings, BrokerArgs};
 use super::database::{DatabaseArgs, DatabaseSettings};
-use super::{ConfigError, MetricsAddr, metrics_addr, millis, seconds};
+use super::{ConfigError, MetricsAddr, metrics_addr, millis, read_pem, seconds};
 use clap::Args;
 use std::num::NonZeroU32;
+use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Debug, Clone, Args)]
@@ -18,6 +19,10 @@ pub struct RunArgs {
     /// Base URL of the AOM API, e.g. https://aom.cn-north-4.myhuaweicloud.com
     #[arg(long, env = "AOM_ENDPOINT")]
     pub aom_endpoint: String,
+    /// PEM bundle of CAs trusted for the AOM API and IAM, besides the
+    /// system's roots (a private CA, or a TLS-inspecting proxy).
+    #[arg(long, env = "AOM_CA_FILE")]
+    pub aom_ca_file: Option<PathBuf>,
     #[command(flatten)]
     pub auth: AuthArgs,
     /// Most API calls in flight at once, across all messages.
@@ -60,6 +65,8 @@ pub struct DaemonConfig {
     pub amqp: AmqpSettings,
     pub database: DatabaseSettings,
     pub endpoint: url::Url,
+    /// Extra CAs (PEM) trusted for the AOM API and IAM.
+    pub aom_ca_pem: Option<String>,
     pub auth: AuthSettings,
     pub concurrency: usize,
     pub prefetch: u16,
@@ -120,10 +127,15 @@ impl RunArgs {
         if self.http_timeout_ms.is_zero() {
             return err("HTTP_TIMEOUT_MS must be above 0".to_owned());
         }
+        let aom_ca_pem = match &self.aom_ca_file {
+            Some(path) => Some(read_pem(path, "AOM_CA_FILE", "CERTIFICATE")?),
+            None => None,
+        };
         Ok(DaemonConfig {
             amqp,
             database: self.database.settings()?,
             endpoint,
+            aom_ca_pem,
             auth,
             concurrency: self.concurrency as usize,
             prefetch,

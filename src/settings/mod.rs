@@ -14,11 +14,12 @@ pub mod daemon;
 pub mod database;
 
 pub use auth::{AkSkSettings, AuthArgs, AuthSettings, IamSettings, ProjectScope};
-pub use broker::{AmqpSettings, BrokerArgs};
+pub use broker::{AmqpSettings, AmqpTls, BrokerArgs, management_url};
 pub use daemon::{DaemonConfig, RunArgs};
 pub use database::{DatabaseArgs, DatabaseSettings};
 
 use secrecy::SecretString;
+use std::path::Path;
 use std::time::Duration;
 
 /// Log format: `text` (human) or `json` (for log shippers).
@@ -48,6 +49,23 @@ pub(crate) fn metrics_addr(s: &str) -> Result<MetricsAddr, String> {
         .parse()
         .map(MetricsAddr::At)
         .map_err(|_| "expected host:port (e.g. 127.0.0.1:9464) or `off`".to_owned())
+}
+
+/// The PEM file `path` names (setting `name`), checked to hold at least one
+/// `-----BEGIN …{label}-----` block.
+pub(crate) fn read_pem(path: &Path, name: &str, label: &str) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("{name}: cannot read {}: {e}", path.display())))?;
+    let has_block = text
+        .lines()
+        .any(|l| l.starts_with("-----BEGIN ") && l.trim_end().ends_with(&format!("{label}-----")));
+    if !has_block {
+        return Err(ConfigError(format!(
+            "{name}: {} holds no PEM {label}",
+            path.display()
+        )));
+    }
+    Ok(text)
 }
 
 pub(crate) fn secret(s: &str) -> Result<SecretString, String> {

@@ -5,7 +5,7 @@ use super::output::csv_error;
 use crate::audit::report::{Filter, Reports, Summary};
 use crate::broker::management::{QueueCounts, queue_counts};
 use crate::domain::Outcome;
-use crate::settings::{BrokerArgs, DatabaseArgs};
+use crate::settings::{BrokerArgs, DatabaseArgs, management_url};
 use chrono::{DateTime, Utc};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
@@ -95,16 +95,24 @@ impl ReportArgs {
 
 /// Write the report (or, with `--failed`, the failed requests) to `out`.
 pub async fn run(args: ReportArgs, out: &mut impl Write) -> anyhow::Result<()> {
-    let reports = Reports::connect(&args.database.settings()?).await?;
-    let filter = args.filter();
-    if args.failed {
-        return failed_csv(&reports, &filter, out).await;
-    }
-    let summary = reports.summary(&filter).await?;
-    let pending = match args.broker.settings() {
-        Ok(settings) => queue_counts(&settings, &args.management_url).await.into(),
-        Err(_) => QueueCounts::default().into(),
+    let database = args.database.settings()?;
+    // The broker's settings are checked before anything connects, but only
+    // where the queue is counted.
+    let broker = if args.failed {
+        None
+    } else {
+        Some((
+            args.broker.settings()?,
+            management_url(&args.management_url)?,
+        ))
     };
+    let reports = Reports::connect(&database).await?;
+    let filter = args.filter();
+    let Some((broker, management)) = broker else {
+        return failed_csv(&reports, &filter, out).await;
+    };
+    let summary = reports.summary(&filter).await?;
+    let pending = queue_counts(&broker, &management).await.into();
     let report = Report {
         since: filter.since,
         workflow: filter.workflow,
