@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -48,6 +49,29 @@ pub struct SandboxArgs {
     /// Secret key that goes with `--ak`.
     #[arg(long, env = "SANDBOX_SK", hide_env_values = true)]
     pub sk: Option<String>,
+    /// Serve https with this certificate chain (PEM, leaf first); needs `--tls-key`.
+    #[arg(
+        long,
+        env = "SANDBOX_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of `--tls-cert`; needs `--tls-cert`.
+    #[arg(
+        long,
+        env = "SANDBOX_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl SandboxArgs {
+    /// The certificate and key files when both are set (https); clap refuses one alone.
+    pub fn tls_files(&self) -> Option<(&Path, &Path)> {
+        self.tls_cert.as_deref().zip(self.tls_key.as_deref())
+    }
 }
 
 /// Hand-written so that the token never ends up in a log line.
@@ -65,6 +89,8 @@ impl fmt::Debug for SandboxArgs {
             .field("iam_domain", &self.iam_domain)
             .field("iam_token_lifetime", &self.iam_token_lifetime)
             .field("ak", &self.ak)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
             .finish_non_exhaustive()
     }
 }
@@ -82,6 +108,8 @@ impl Default for SandboxArgs {
             iam_token_lifetime: Duration::from_secs(24 * 3600),
             ak: None,
             sk: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -356,6 +384,31 @@ mod tests {
         let debug = format!("{:?}", cli.sandbox);
         assert!(!debug.contains("hunter2"), "{debug}");
         assert!(parse(&["x", "--fail-ratios", "500=2"]).is_err());
+    }
+
+    #[test]
+    fn tls_files_are_both_or_neither() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            sandbox: SandboxArgs,
+        }
+        let parse = |argv: &[&str]| crate::cli::parse_args_only::<Cli, _, _>(argv.iter().copied());
+        assert_eq!(parse(&["x"]).unwrap().sandbox.tls_files(), None);
+        let both = parse(&["x", "--tls-cert", "c.pem", "--tls-key", "k.pem"]).unwrap();
+        assert_eq!(
+            both.sandbox.tls_files(),
+            Some((Path::new("c.pem"), Path::new("k.pem")))
+        );
+        for (alone, missing) in [("--tls-cert", "--tls-key"), ("--tls-key", "--tls-cert")] {
+            let err = parse(&["x", alone, "f.pem"]).err().expect("refused");
+            let line = crate::cli::one_line(&err);
+            assert!(
+                line.starts_with("error:") && line.contains(missing),
+                "{line}"
+            );
+        }
     }
 
     // ----- bucketing -----

@@ -44,11 +44,17 @@
 //! * `POST /_sandbox/reset`: [`Sandbox::reset_stats`].
 //! * `POST /_sandbox/token`: the raw body (surrounding whitespace trimmed) becomes the
 //!   expected token; an empty body accepts any token.
+//!
+//! # HTTPS
+//!
+//! [`Sandbox::bind_tls`] (`--tls-cert`/`--tls-key`) serves the same routes over TLS
+//! (rustls, aws-lc-rs); handshakes run concurrently, each within 10 s (`tls.rs`).
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
@@ -58,7 +64,9 @@ mod identity;
 mod script;
 mod server;
 mod stats;
+mod tls;
 
+use crate::settings::ConfigError;
 use anyhow::Context as _;
 use axum::serve::ListenerExt as _;
 use identity::{IamAccount, Identity};
@@ -136,6 +144,31 @@ impl Sandbox {
                 tracing::trace!(%err, "sandbox: cannot set TCP_NODELAY");
             }
         });
+        Ok(self.serve(listener, local_addr, Scheme::Http))
+    }
+
+    /// As [`bind`](Self::bind), but serving https with this certificate chain (PEM, leaf
+    /// first) and private key (PEM). Everything else is the same; [`RunningSandbox::base_url`]
+    /// starts with `https://`. A certificate or key that cannot be used is an
+    /// [`InvalidInput`](std::io::ErrorKind::InvalidInput) error saying which, before anything
+    /// is bound.
+    pub async fn bind_tls(
+        self,
+        addr: SocketAddr,
+        cert_pem: &[u8],
+        key_pem: &[u8],
+    ) -> std::io::Result<RunningSandbox> {
+        let config = tls::server_config(cert_pem, key_pem)?;
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let local_addr = listener.local_addr()?;
+        let listener = tls::TlsListener::new(listener, config);
+        Ok(self.serve(listener, local_addr, Scheme::Https))
+    }
+
+    fn serve<L>(self, listener: L, local_addr: SocketAddr, scheme: Scheme) -> RunningSandbox
+    where
+        L: axum::serve::Listener<Addr = SocketAddr>,
+    {
         let shutdown = CancellationToken::new();
         let app = router(AppState {
             sandbox: self.clone(),
@@ -144,12 +177,13 @@ impl Sandbox {
         let server =
             axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let task = tokio::spawn(async move { server.await });
-        Ok(RunningSandbox {
+        RunningSandbox {
             local_addr,
+            scheme,
             sandbox: self,
             shutdown,
             task: Some(task),
-        })
+        }
     }
 
     /// A snapshot of the counters.
@@ -244,9 +278,26 @@ fn normalise_token(token: Option<&str>) -> Option<Box<str>> {
     token.filter(|t| !t.is_empty()).map(Box::from)
 }
 
+/// Plain http, or https ([`Sandbox::bind_tls`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scheme {
+    Http,
+    Https,
+}
+
+impl Scheme {
+    fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+}
+
 /// A sandbox serving on a socket; dropping it stops the server (without waiting).
 pub struct RunningSandbox {
     local_addr: SocketAddr,
+    scheme: Scheme,
     sandbox: Sandbox,
     shutdown: CancellationToken,
     task: Option<JoinHandle<std::io::Result<()>>>,
@@ -256,6 +307,7 @@ impl fmt::Debug for RunningSandbox {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RunningSandbox")
             .field("local_addr", &self.local_addr)
+            .field("scheme", &self.scheme)
             .field("sandbox", &self.sandbox)
             .finish_non_exhaustive()
     }
@@ -267,9 +319,14 @@ impl RunningSandbox {
         self.local_addr
     }
 
-    /// `http://ADDR:PORT`, without a trailing slash.
+    /// `http://ADDR:PORT`, or `https://ADDR:PORT` when serving TLS; no trailing slash.
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.local_addr)
+        format!("{}://{}", self.scheme.as_str(), self.local_addr)
+    }
+
+    /// True when serving https ([`Sandbox::bind_tls`]).
+    pub fn is_tls(&self) -> bool {
+        self.scheme == Scheme::Https
     }
 
     /// The sandbox being served (its stats, token, …).
@@ -323,12 +380,22 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let sandbox = Sandbox::new(&args);
-    let mut running = sandbox
-        .bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let mut running = match args.tls_files() {
+        Some((cert, key)) => {
+            let (cert_pem, key_pem) = read_tls_files(cert, key)?;
+            sandbox
+                .bind_tls(args.listen, &cert_pem, &key_pem)
+                .await
+                .map_err(|err| tls_setting_error(err, cert, key, args.listen))?
+        }
+        None => sandbox
+            .bind(args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?,
+    };
     tracing::info!(
         addr = %running.local_addr(),
+        url = %running.base_url(),
         latency = ?args.latency,
         fail_ratios = %args.fail_ratios,
         token_required = running.sandbox().token_required(),
@@ -356,6 +423,35 @@ pub async fn run(
         "sandbox stopped"
     );
     result
+}
+
+/// The certificate and key files, read; an unreadable one is a bad setting (exit 2).
+fn read_tls_files(cert: &Path, key: &Path) -> Result<(Vec<u8>, Vec<u8>), ConfigError> {
+    let read = |flag: &str, path: &Path| {
+        std::fs::read(path)
+            .map_err(|err| ConfigError(format!("{flag}: cannot read {}: {err}", path.display())))
+    };
+    Ok((read("--tls-cert", cert)?, read("--tls-key", key)?))
+}
+
+/// A certificate or key that rustls refuses is a bad setting (exit 2), said with the files
+/// it came from; failing to bind is not.
+fn tls_setting_error(
+    err: std::io::Error,
+    cert: &Path,
+    key: &Path,
+    listen: SocketAddr,
+) -> anyhow::Error {
+    if err.kind() == std::io::ErrorKind::InvalidInput {
+        ConfigError(format!(
+            "{err} (--tls-cert {}, --tls-key {})",
+            cert.display(),
+            key.display()
+        ))
+        .into()
+    } else {
+        anyhow::Error::new(err).context(format!("cannot listen on {listen}"))
+    }
 }
 
 #[cfg(test)]
@@ -389,5 +485,22 @@ mod tests {
         };
         let err = run(args, std::future::pending()).await.unwrap_err();
         assert!(format!("{err:#}").contains("cannot listen on"), "{err:#}");
+    }
+
+    #[tokio::test]
+    async fn run_refuses_unreadable_tls_files_as_a_bad_setting() {
+        let args = SandboxArgs {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            tls_cert: Some("/nonexistent/aomt/cert.pem".into()),
+            tls_key: Some("/nonexistent/aomt/key.pem".into()),
+            ..SandboxArgs::default()
+        };
+        let err = run(args, std::future::pending()).await.unwrap_err();
+        assert!(err.is::<ConfigError>(), "{err:#}");
+        assert!(
+            err.to_string()
+                .starts_with("--tls-cert: cannot read /nonexistent/aomt/cert.pem"),
+            "{err}"
+        );
     }
 }

@@ -5,6 +5,8 @@ mod binary;
 mod helpers;
 mod manners;
 mod pacing;
+mod tls;
+mod tls_tests;
 mod tools;
 
 use aom_terminator::sandbox::SandboxArgs;
