@@ -139,8 +139,10 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::R
     };
     if let Some(line) = line {
         if let Ok(Ok(admin)) = broker {
-            // Opening it declared the demo's queues.
-            clean_up(&admin, &opts).await;
+            // Opening it declared the demo's queues: nothing is in them yet.
+            if !opts.keep {
+                clean_up(&admin, &opts).await;
+            }
             admin.close().await;
         }
         // One line, and nothing else: exit 2.
@@ -160,7 +162,9 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::R
         Err(e) => Some(e.into()),
     };
     if let Some(e) = database_error {
-        clean_up(&admin, &opts).await;
+        if !opts.keep {
+            clean_up(&admin, &opts).await;
+        }
         admin.close().await;
         return Err(e);
     }
