@@ -4,7 +4,8 @@
 //! recorded in a Postgres audit before its message is acked.
 //!
 //! Layers, top to bottom; a module uses only what is below it:
-//! - [`cli`]: the command tree;
+//! - [`cli`]: the command tree; [`demo`]: the main job end to end in one
+//!   command (it drives the daemon, a tool and the sandbox together);
 //! - the commands: [`daemon`] (the consumer), [`tools`] (enqueue, report,
 //!   dead-letters), [`sandbox`] (the fake API);
 //! - the adapters, the only places that name their crates: [`broker`]
@@ -22,6 +23,7 @@ pub mod audit;
 pub mod broker;
 pub mod cli;
 pub mod daemon;
+pub mod demo;
 pub mod domain;
 pub mod metrics;
 pub mod retry;

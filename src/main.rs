@@ -10,7 +10,7 @@ use aom_terminator::cli::{Cli, Command, env_names, one_line};
 use aom_terminator::settings::ConfigError;
 use aom_terminator::tools::output::{Stdout, stdout_closed};
 use aom_terminator::tools::{dead_letters, enqueue, report};
-use aom_terminator::{daemon, sandbox, telemetry};
+use aom_terminator::{daemon, demo, sandbox, telemetry};
 use clap::Parser;
 use std::fmt::Display;
 use std::io::Write;
@@ -40,6 +40,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if matches!(cli.command, Command::Demo(_)) && std::env::var_os("RUST_LOG").is_none() {
+        // The demo shows progress and a report, not the daemon's lines.
+        // SAFETY: still before any other thread exists (see above).
+        unsafe { std::env::set_var("RUST_LOG", demo::LOG_FILTER) };
+    }
     telemetry::init(
         cli.log_format,
         &[
@@ -87,6 +92,23 @@ fn main() -> ExitCode {
                 Ok(enqueue::Enqueued::Refused) => return ExitCode::from(1),
                 Err(e) => Err(e),
             },
+            Command::Demo(args) => {
+                let options = demo::Options {
+                    requests: args.requests,
+                    keep: args.keep,
+                    amqp_url: args.amqp_url,
+                    database_url: args.database.database_url,
+                    queue: args.queue,
+                    dead_letter_queue: args.dead_letter_queue,
+                    concurrency: args.concurrency,
+                };
+                match demo::run(options, shutdown_signal()).await {
+                    Ok(demo::Ended::Complete) => Ok(()),
+                    Ok(demo::Ended::Incomplete) => return ExitCode::from(1),
+                    Ok(demo::Ended::Unreachable) => return ExitCode::from(2),
+                    Err(e) => Err(e),
+                }
+            }
         };
         // What is still buffered goes out, also after an error; the
         // command's own error comes first.

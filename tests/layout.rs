@@ -10,6 +10,7 @@ const MAX_LINES: usize = 800;
 /// Top-level modules by layer, top (0) to bottom.
 const LAYERS: &[(&str, u8)] = &[
     ("cli", 0),
+    ("demo", 0),
     ("daemon", 1),
     ("tools", 1),
     ("sandbox", 1),

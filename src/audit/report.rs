@@ -159,6 +159,17 @@ impl Reports {
         .await
     }
 
+    /// How many of `request_ids` have a final outcome. The primary key
+    /// allows at most one each, so `request_ids.len()` means exactly one each.
+    pub async fn outcomes_of(&self, request_ids: &[String]) -> Result<i64, AuditError> {
+        Ok(sqlx::query_scalar(
+            "SELECT count(*) FROM termination_outcomes WHERE request_id = ANY($1::text[])",
+        )
+        .bind(request_ids)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     async fn query_as<T>(&self, sql: &str, f: &Filter) -> Result<Vec<T>, AuditError>
     where
         T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
@@ -170,6 +181,19 @@ impl Reports {
             .fetch_all(&self.pool)
             .await?)
     }
+}
+
+/// Whether the audit database answers: one connection, no retry (a pool
+/// would retry a refused connection until its timeout), closed at once.
+/// For a quick check before starting; bound it with a timeout of your own.
+pub async fn reachable(settings: &DatabaseSettings) -> Result<(), ReportError> {
+    use sqlx::Connection as _;
+    let options = super::connect_options(settings)?;
+    let connection = sqlx::PgConnection::connect_with(&options)
+        .await
+        .map_err(|e| ReportError::Connect(AuditError::Query(e)))?;
+    let _ = connection.close().await;
+    Ok(())
 }
 
 #[derive(Debug, thiserror::Error)]

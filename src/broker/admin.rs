@@ -4,7 +4,9 @@
 use super::topology::{declare_topology, depth};
 use super::{BrokerError, call, confirmed, connect};
 use crate::settings::AmqpSettings;
-use lapin::options::{BasicAckOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::{
+    BasicAckOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions,
+};
 use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Channel, Connection};
 
@@ -109,6 +111,15 @@ impl Admin {
     /// Messages ready in `queue` (AMQP cannot tell the unacked ones).
     pub async fn depth(&self, queue: &str) -> Option<u32> {
         depth(&self.channel, queue).await
+    }
+
+    /// Delete `queue` with whatever it holds; returns how many messages it
+    /// held. A queue that does not exist is not an error.
+    pub async fn delete_queue(&self, queue: &str) -> Result<u32, BrokerError> {
+        self.channel
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
+            .await
+            .map_err(call("delete a queue"))
     }
 
     /// Close; messages taken and not acked return to their queue.

@@ -5,7 +5,7 @@
 //! confirms and the mandatory flag, so nothing is silently dropped.
 
 use super::output::note;
-use crate::broker::Admin;
+use crate::broker::{Admin, BrokerError};
 use crate::domain::{Item, MAX_BATCH, ParsedMessage, TerminationRequest, WireRequest, batch_body};
 use crate::settings::{BrokerArgs, ConfigError};
 use clap::{Args, ValueEnum};
@@ -34,9 +34,12 @@ pub struct EnqueueArgs {
     #[arg(long, env = "AOM_REQUESTED_BY")]
     pub requested_by: Option<String>,
     /// Requests per message.
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=MAX_BATCH as i64))]
+    #[arg(long, default_value_t = DEFAULT_BATCH_SIZE, value_parser = clap::value_parser!(u32).range(1..=MAX_BATCH as i64))]
     pub batch_size: u32,
 }
+
+/// Requests per message unless `--batch-size` says otherwise.
+pub const DEFAULT_BATCH_SIZE: u32 = 1000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum InputFormat {
@@ -268,22 +271,18 @@ pub async fn run(args: EnqueueArgs) -> anyhow::Result<Enqueued> {
     let started = Instant::now();
     let admin = Admin::open(&settings).await?;
     let mut progress = Progress::new(requests.len());
-    let mut messages = 0usize;
-    let mut published = 0usize;
-    let result = async {
-        for chunk in requests.chunks(args.batch_size as usize) {
-            let body = batch_body(chunk.iter().map(WireRequest::from));
-            admin.publish(&settings.queue, &body).await?;
-            messages += 1;
-            published += chunk.len();
-            progress.update(published);
-        }
-        anyhow::Ok(())
-    }
+    let result = publish_batches(
+        &admin,
+        &settings.queue,
+        &requests,
+        args.batch_size as usize,
+        |published| progress.update(published),
+    )
     .await;
     admin.close().await;
     progress.finish();
-    result?;
+    let messages = result?;
+    let published = requests.len();
     let secs = started.elapsed().as_secs_f64();
     note!(
         "published {published} request(s) in {messages} message(s) to {} in {secs:.1}s ({:.0}/s){}",
@@ -296,6 +295,30 @@ pub async fn run(args: EnqueueArgs) -> anyhow::Result<Enqueued> {
         }
     );
     Ok(Enqueued::Published)
+}
+
+/// Publish `requests` to `queue` as batch messages of `batch_size`
+/// requests, each persistent, confirmed by the broker and mandatory (an
+/// unroutable message is an error). `published` gets the running count after
+/// each message. Returns the number of messages. The one publishing path of
+/// `enqueue` and `demo`.
+pub async fn publish_batches(
+    admin: &Admin,
+    queue: &str,
+    requests: &[TerminationRequest],
+    batch_size: usize,
+    mut published: impl FnMut(usize),
+) -> Result<usize, BrokerError> {
+    let mut messages = 0usize;
+    let mut done = 0usize;
+    for chunk in requests.chunks(batch_size.max(1)) {
+        let body = batch_body(chunk.iter().map(WireRequest::from));
+        admin.publish(queue, &body).await?;
+        messages += 1;
+        done += chunk.len();
+        published(done);
+    }
+    Ok(messages)
 }
 
 /// A progress bar with rate and ETA on a terminal; a plain line per tenth

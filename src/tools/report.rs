@@ -225,7 +225,8 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-fn to_table(r: &Report) -> String {
+/// The report as `report --format table` prints it (also `demo`'s summary).
+pub fn to_table(r: &Report) -> String {
     let mut out = String::new();
     let window = match r.since {
         Some(t) => format!("since {}", t.format("%Y-%m-%d %H:%M:%S UTC")),

@@ -2,6 +2,7 @@
 
 mod auth;
 mod binary;
+mod demo;
 mod helpers;
 mod manners;
 mod pacing;
