@@ -50,6 +50,7 @@ fn main() -> ExitCode {
         &[
             aom_terminator::broker::QUIET_LOGS,
             aom_terminator::audit::QUIET_LOGS,
+            aom_terminator::aom::QUIET_LOGS,
         ],
     );
 

@@ -49,15 +49,34 @@ pub fn tls_failure(err: &(dyn std::error::Error + 'static)) -> Option<String> {
         if let Some(tls) = e.downcast_ref::<rustls::Error>() {
             return Some(tls.to_string());
         }
-        if let Some(io) = e.downcast_ref::<std::io::Error>()
-            && let Some(inner) = io.get_ref()
-            && let Some(tls) = inner.downcast_ref::<rustls::Error>()
+        // An I/O error's `source()` skips the error it wraps (which may be
+        // another I/O error, wrapping the rustls one): look inside.
+        next = match e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
         {
-            return Some(tls.to_string());
-        }
-        next = e.source();
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
     }
     None
+}
+
+#[cfg(test)]
+mod tls_tests {
+    use super::tls_failure;
+
+    #[test]
+    fn a_rustls_error_is_found_inside_nested_io_errors() {
+        let rustls = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let inner = std::io::Error::new(std::io::ErrorKind::InvalidData, rustls);
+        let outer = std::io::Error::other(inner);
+        assert_eq!(
+            tls_failure(&outer).as_deref(),
+            Some("invalid peer certificate: UnknownIssuer")
+        );
+        assert_eq!(tls_failure(&std::io::Error::other("refused")), None);
+    }
 }
 
 /// A run of the same failure, logged as its first occurrence and then one

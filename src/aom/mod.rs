@@ -8,3 +8,8 @@ pub mod classify;
 mod client;
 
 pub use client::{ApiError, CallError, TerminateClient};
+
+/// Log directives that quiet the certificate verifier: it logs every failed
+/// verification at ERROR, and the daemon logs a TLS failure with the API once
+/// itself (as the cause of its pause).
+pub const QUIET_LOGS: &str = "rustls_platform_verifier=off";

@@ -76,7 +76,9 @@ fn sqlx_needs_a_person(e: &sqlx::Error) -> Option<String> {
 /// Log directives that quiet sqlx's pool: it warns about slow acquires and
 /// failed on-release tests while the database is away, and the daemon logs
 /// the outage once itself.
-pub const QUIET_LOGS: &str = "sqlx::pool::acquire=error,sqlx_core::pool::connection=error";
+/// Its notices (a migration table that exists already) are not news either.
+pub const QUIET_LOGS: &str =
+    "sqlx::pool::acquire=error,sqlx_core::pool::connection=error,sqlx::postgres::notice=warn";
 
 /// Every libpq parameter of `DATABASE_URL`, as sqlx reads them.
 fn connect_options(settings: &DatabaseSettings) -> Result<PgConnectOptions, ConfigError> {

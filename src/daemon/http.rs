@@ -57,7 +57,7 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready_handler))
         .with_state(AppState { metrics, readiness });
-    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    tracing::debug!(%addr, "serving /metrics, /healthz and /readyz");
     Ok(tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(stop.cancelled_owned())

@@ -188,15 +188,6 @@ async fn serve(
     let summary = tokio::spawn(summarise(Arc::clone(&metrics), stop.clone()));
     let tasks = TaskTracker::new();
     let credits = Arc::new(Semaphore::new(cfg.prefetch_requests));
-    tracing::info!(
-        queue = %cfg.amqp.queue,
-        dead_letter_queue = %cfg.amqp.dead_letter_queue,
-        endpoint = %cfg.endpoint,
-        auth = cfg.auth.mode(),
-        concurrency = cfg.concurrency,
-        prefetch = cfg.prefetch,
-        "aom-terminator running"
-    );
 
     let mut reconnect = reconnect_backoff();
     let mut sessions: Vec<Session> = Vec::new();
@@ -237,6 +228,20 @@ async fn serve(
             }
         };
         unavailable.ended();
+        if !ever_opened {
+            // Logged once both peers have answered: a start that fails is
+            // then the one line of its error.
+            tracing::info!(
+                queue = %cfg.amqp.queue,
+                dead_letter_queue = %cfg.amqp.dead_letter_queue,
+                endpoint = %cfg.endpoint,
+                auth = cfg.auth.mode(),
+                concurrency = cfg.concurrency,
+                prefetch = cfg.prefetch,
+                metrics_addr = cfg.metrics_addr.map(|a| a.to_string()),
+                "aom-terminator running"
+            );
+        }
         ever_opened = true;
         let opened_at = Instant::now();
         dead_letters.attach(&session);

@@ -107,6 +107,7 @@ fn init_logs() {
             &[
                 aom_terminator::broker::QUIET_LOGS,
                 aom_terminator::audit::QUIET_LOGS,
+                aom_terminator::aom::QUIET_LOGS,
             ],
         );
     }
@@ -580,10 +581,21 @@ fn with_database(url: &str, name: &str) -> String {
 pub fn binary() -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_aom-terminator"));
     // Only what each test sets: no stray settings from the developer's shell.
-    for var in aom_terminator::cli::env_names()
-        .iter()
-        .chain(&["RUST_LOG".to_owned()])
-    {
+    for var in aom_terminator::cli::env_names() {
+        cmd.env_remove(var);
+    }
+    // Logging and the proxies the HTTP client reads, as a shell may hold them.
+    for var in [
+        "RUST_LOG",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "NO_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+        "no_proxy",
+    ] {
         cmd.env_remove(var);
     }
     cmd.stdin(Stdio::null())

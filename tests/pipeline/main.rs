@@ -7,6 +7,7 @@ mod helpers;
 mod manners;
 mod pacing;
 mod tls;
+mod tls_peers;
 mod tls_tests;
 mod tools;
 

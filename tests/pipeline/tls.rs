@@ -347,7 +347,17 @@ impl TlsProxy {
         config: Arc<rustls::ServerConfig>,
         upstream: SocketAddr,
     ) -> io::Result<TlsProxy> {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+        Self::start_on(0, config, upstream).await
+    }
+
+    /// Like [`TlsProxy::start`], on 127.0.0.1:`port` (0 picks a free one): a
+    /// proxy restarted where another stood, with another certificate.
+    pub async fn start_on(
+        port: u16,
+        config: Arc<rustls::ServerConfig>,
+        upstream: SocketAddr,
+    ) -> io::Result<TlsProxy> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await?;
         let addr = listener.local_addr()?;
         let counters = Arc::new(ProxyCounters::default());
         let acceptor = tokio_rustls::TlsAcceptor::from(config);

@@ -1,0 +1,392 @@
+//! TLS from the daemon's side (issue #14), for real: the broker through the
+//! kit's TLS-terminating proxy (`amqps://`), the AOM API on the sandbox's
+//! TLS mode, Postgres on its own TLS where the server has it on, and the
+//! management API. Each peer: success with the private CA, failure without
+//! it or with the wrong one (exit 2, one line, no secret), and for Postgres
+//! `verify-full` against the wrong host name.
+
+use crate::helpers::*;
+use crate::tls::*;
+use aom_terminator::sandbox::{Sandbox, SandboxArgs};
+use std::time::Duration;
+
+/// The password the broker URLs below carry: it must never be printed.
+const BROKER_PASSWORD: &str = "guest";
+
+/// Run `aom-terminator run` with the test's settings and `vars` over them:
+/// it must exit 2 with one line that says `want` and shows no password.
+async fn refused_at_start(env: &TestEnv, vars: &[(&str, String)], want: &str) {
+    let child = binary()
+        .arg("run")
+        .envs(env.binary_env())
+        .envs(vars.iter().map(|(k, v)| (*k, v.as_str())))
+        .spawn()
+        .expect("spawn");
+    let (code, out) = output(child).await;
+    assert_eq!(code, Some(2), "{vars:?}: {out}");
+    assert_eq!(
+        out.trim().lines().count(),
+        1,
+        "one line for {vars:?}: {out}"
+    );
+    assert!(out.contains(want), "{vars:?} should say {want}: {out}");
+    assert!(!out.contains(&format!(":{BROKER_PASSWORD}@")), "{out}");
+}
+
+/// One request through the in-process daemon with `extra` settings.
+async fn one_request_succeeds(env: &TestEnv, prefix: &str, extra: &[&str]) {
+    let daemon = env.start_daemon(extra);
+    let id = format!("{prefix}-1");
+    env.publish(&request(&id, &format!("ex-{prefix}-1")), None)
+        .await;
+    eventually(&format!("an outcome for {id}"), || async {
+        // Before the daemon migrates, the table does not exist yet.
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM termination_outcomes WHERE request_id = $1",
+        )
+        .bind(&id)
+        .fetch_one(&env.db)
+        .await
+        .unwrap_or(0)
+            == 1
+    })
+    .await;
+    assert_eq!(env.outcome_of(&id).await.outcome, "succeeded");
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn amqps_with_a_private_ca_and_mutual_tls() {
+    install_crypto_provider();
+    let env = TestEnv::new().await;
+    let kit = TlsKit::new();
+    let upstream = amqp_upstream(&env.amqp_url).await.expect("broker address");
+    let proxy = kit.proxy(upstream, ClientAuth::None).await;
+    let amqps = amqps_url(&env.amqp_url, "localhost", proxy.port());
+    let ca = kit.ca.cert_path.display().to_string();
+
+    // The private CA: the daemon consumes over TLS.
+    one_request_succeeds(&env, "tls", &["--amqp-url", &amqps, "--amqp-ca-file", &ca]).await;
+    assert!(
+        proxy.handshakes() > 0,
+        "the daemon came through the TLS proxy"
+    );
+
+    // Without it, or with the wrong one: one line at start, exit 2.
+    let url = ("AMQP_URL", amqps.clone());
+    refused_at_start(&env, std::slice::from_ref(&url), "TLS failed").await;
+    let wrong = ("AMQP_CA_FILE", kit.wrong_ca.cert_path.display().to_string());
+    refused_at_start(&env, &[url.clone(), wrong], "TLS failed").await;
+    // TLS on one side only: plain AMQP to the TLS port.
+    let plain = amqps.replacen("amqps://", "amqp://", 1);
+    refused_at_start(&env, &[("AMQP_URL", plain)], "the broker at localhost").await;
+
+    // The operator tools read the same settings.
+    let file = std::env::temp_dir().join(format!("aomt-tls-{:x}.jsonl", fastrand::u64(..)));
+    std::fs::write(&file, format!("{}\n", request("tls-enq", "ex-tls-enq"))).expect("write");
+    let enqueue = binary()
+        .args(["enqueue", &file.display().to_string()])
+        .envs(env.binary_env())
+        .env("AMQP_URL", &amqps)
+        .env("AMQP_CA_FILE", &ca)
+        .spawn()
+        .expect("spawn");
+    let (code, out) = output(enqueue).await;
+    assert_eq!(code, Some(0), "enqueue over amqps: {out}");
+    assert_eq!(env.ready_requests().await, 1);
+
+    // Mutual TLS: the broker wants a client certificate from the CA.
+    let mtls = kit.proxy(upstream, ClientAuth::Required).await;
+    let amqps = amqps_url(&env.amqp_url, "localhost", mtls.port());
+    let cert = kit.client.cert_path.display().to_string();
+    let key = kit.client.key_path.display().to_string();
+    one_request_succeeds(
+        &env,
+        "mtls",
+        &[
+            "--amqp-url",
+            &amqps,
+            "--amqp-ca-file",
+            &ca,
+            "--amqp-client-cert",
+            &cert,
+            "--amqp-client-key",
+            &key,
+        ],
+    )
+    .await;
+    refused_at_start(
+        &env,
+        &[("AMQP_URL", amqps), ("AMQP_CA_FILE", ca.clone())],
+        "TLS failed",
+    )
+    .await;
+    let _ = std::fs::remove_file(&file);
+}
+
+#[tokio::test]
+async fn the_aom_api_over_https_with_a_private_ca() {
+    install_crypto_provider();
+    let kit = TlsKit::new();
+    let env = TestEnv::new().await;
+    let sandbox = Sandbox::new(&SandboxArgs {
+        expected_token: Some(TOKEN.to_owned()),
+        ..SandboxArgs::default()
+    })
+    .bind_tls(
+        "127.0.0.1:0".parse().expect("addr"),
+        kit.server.cert_pem.as_bytes(),
+        kit.server.key_pem.as_bytes(),
+    )
+    .await
+    .expect("sandbox over TLS");
+    let endpoint = sandbox.base_url();
+    assert!(endpoint.starts_with("https://"), "{endpoint}");
+    let ca = kit.ca.cert_path.display().to_string();
+    one_request_succeeds(
+        &env,
+        "https",
+        &["--aom-endpoint", &endpoint, "--aom-ca-file", &ca],
+    )
+    .await;
+    assert_eq!(sandbox.sandbox().stats().calls, 1);
+}
+
+#[tokio::test]
+async fn a_certificate_the_api_presents_that_fails_pauses_and_resumes_by_itself() {
+    install_crypto_provider();
+    let kit = TlsKit::new();
+    let env = TestEnv::new().await;
+    // The API behind the kit's TLS proxy, first with a certificate for
+    // another name: verification fails.
+    let plain = env.sandbox.local_addr();
+    let wrong_name = kit.issue_server("elsewhere", &["elsewhere.example"]);
+    let proxy = TlsProxy::start(server_config(&wrong_name, None), plain)
+        .await
+        .expect("proxy");
+    let port = proxy.port();
+    let endpoint = format!("https://127.0.0.1:{port}");
+    let ca = kit.ca.cert_path.display().to_string();
+    let addr = free_addr();
+    let readyz = format!("http://{addr}/readyz");
+    let metrics = format!("http://{addr}/metrics");
+    publish_singles(&env, "cert", 5).await;
+    let daemon = env.start_daemon(&[
+        "--aom-endpoint",
+        &endpoint,
+        "--aom-ca-file",
+        &ca,
+        "--metrics-addr",
+        &addr.to_string(),
+    ]);
+    eventually("paused on the certificate", || async {
+        http_get(&readyz).await.0 == 503
+            && http_get(&metrics)
+                .await
+                .1
+                .lines()
+                .any(|l| l == "aom_terminator_paused 1")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(env.outcomes().await, 0, "nothing failed, nothing finished");
+    assert_eq!(
+        env.sandbox.sandbox().stats().calls,
+        0,
+        "no call got through"
+    );
+
+    // The right certificate on the same address: the probe gets through.
+    drop(proxy);
+    let _proxy = loop {
+        match TlsProxy::start_on(port, server_config(&kit.server, None), plain).await {
+            Ok(p) => break p,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    env.wait_outcomes(5).await;
+    let failed = env
+        .count("SELECT count(*) FROM termination_outcomes WHERE outcome <> 'succeeded'")
+        .await;
+    assert_eq!(failed, 0, "the certificate failure failed no request");
+    eventually("ready again", || async { http_get(&readyz).await.0 == 200 }).await;
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn api_calls_go_through_https_proxy_settings() {
+    // HTTP_PROXY routes the API calls: the endpoint's name is never
+    // resolved here, the proxy (the sandbox itself, which serves the
+    // absolute-form request by its path) answers.
+    let env = TestEnv::new().await;
+    publish_singles(&env, "via", 3).await;
+    let child = binary()
+        .arg("run")
+        .envs(env.binary_env())
+        .env("AOM_ENDPOINT", "http://aom.proxied.invalid")
+        .env("HTTP_PROXY", env.sandbox.base_url())
+        .env("SHUTDOWN_GRACE", "1")
+        .spawn()
+        .expect("spawn");
+    env.wait_outcomes(3).await;
+    let succeeded = env
+        .count("SELECT count(*) FROM termination_outcomes WHERE outcome = 'succeeded'")
+        .await;
+    assert_eq!(succeeded, 3);
+    assert_eq!(env.sandbox.sandbox().stats().calls, 3);
+    let pid = child.id().expect("pid").to_string();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status();
+    let (code, out) = output(child).await;
+    assert_eq!(code, Some(0), "{out}");
+}
+
+#[tokio::test]
+async fn postgres_over_its_own_tls() {
+    let env = TestEnv::new().await;
+    let ssl: String = sqlx::query_scalar("SHOW ssl")
+        .fetch_one(&env.db)
+        .await
+        .expect("SHOW ssl");
+    // Debian's snakeoil certificate (CN localhost), where Debian's Postgres
+    // serves it; testcontainers' image has TLS off.
+    let root = std::path::Path::new("/etc/ssl/certs/ssl-cert-snakeoil.pem");
+    if ssl != "on" || !root.exists() {
+        eprintln!(
+            "skipped: the test Postgres has TLS off (SHOW ssl = {ssl}) or no snakeoil certificate"
+        );
+        return;
+    }
+    let root = root.display();
+    let with = |host: &str, params: &str| {
+        let url = url::Url::parse(&env.database_url).expect("database url");
+        let mut url = url.clone();
+        url.set_host(Some(host)).expect("host");
+        format!("{url}?application_name=aomt-tls&{params}")
+    };
+    // verify-full with the server's own certificate as the CA, by its name.
+    let full = with(
+        "localhost",
+        &format!("sslmode=verify-full&sslrootcert={root}"),
+    );
+    one_request_succeeds(&env, "pg", &["--database-url", &full]).await;
+    // The audit's connections are encrypted, seen from the server.
+    let daemon = env.start_daemon(&["--database-url", &full]);
+    env.publish(&request("pg-2", "ex-pg-2"), None).await;
+    env.wait_outcomes(2).await;
+    let admin = env.admin_pool().await;
+    let (ssl, plain): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl) \
+         FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE a.application_name = 'aomt-tls'",
+    )
+    .fetch_one(&admin)
+    .await
+    .expect("pg_stat_ssl");
+    assert!(
+        ssl > 0 && plain == 0,
+        "the audit's connections: {ssl} with TLS, {plain} without"
+    );
+    daemon.stop().await;
+
+    // verify-full against the wrong name; verify-ca without the CA.
+    let wrong_host = with(
+        "127.0.0.1",
+        &format!("sslmode=verify-full&sslrootcert={root}"),
+    );
+    refused_at_start(&env, &[("DATABASE_URL", wrong_host)], "TLS failed").await;
+    let unknown = with("localhost", "sslmode=verify-ca");
+    refused_at_start(&env, &[("DATABASE_URL", unknown)], "TLS failed").await;
+    // `require`, and a client certificate (this server does not ask for one,
+    // so this shows only that sslcert and sslkey are read and accepted).
+    install_crypto_provider();
+    let kit = TlsKit::new();
+    let client = with(
+        "localhost",
+        &format!(
+            "sslmode=require&sslcert={}&sslkey={}",
+            kit.client.cert_path.display(),
+            kit.client.key_path.display()
+        ),
+    );
+    let migrate = binary()
+        .arg("migrate")
+        .env("DATABASE_URL", &client)
+        .spawn()
+        .expect("spawn");
+    let (code, out) = output(migrate).await;
+    assert_eq!(
+        code,
+        Some(0),
+        "migrate over TLS with a client certificate: {out}"
+    );
+}
+
+#[tokio::test]
+async fn the_management_api_is_not_sent_credentials_in_clear() {
+    let env = TestEnv::new().await;
+    let report = binary()
+        .args(["report", "--format", "json"])
+        .envs(env.binary_env_without_auth())
+        .env("RABBITMQ_MANAGEMENT_URL", "http://mq.example.invalid:15672")
+        .spawn()
+        .expect("spawn");
+    let (code, out) = output(report).await;
+    assert_eq!(code, Some(2), "{out}");
+    assert_eq!(out.trim().lines().count(), 1, "{out}");
+    assert!(out.contains("https://"), "says how to fix it: {out}");
+    assert!(!out.contains(BROKER_PASSWORD), "{out}");
+}
+
+#[tokio::test]
+async fn the_management_api_over_https_with_the_broker_ca() {
+    install_crypto_provider();
+    let env = TestEnv::new().await;
+    let kit = TlsKit::new();
+    let management: std::net::SocketAddr = "127.0.0.1:15672".parse().expect("addr");
+    let proxy = kit.proxy(management, ClientAuth::None).await;
+    let url = format!("https://localhost:{}", proxy.port());
+    let report = |ca: Option<String>| {
+        let mut cmd = binary();
+        cmd.args(["report", "--format", "json"])
+            .envs(env.binary_env_without_auth())
+            .env("RABBITMQ_MANAGEMENT_URL", &url);
+        if let Some(ca) = ca {
+            cmd.env("AMQP_CA_FILE", ca);
+        }
+        async move {
+            let out = cmd.output().await.expect("run report");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(0), "{stderr}");
+            let json: serde_json::Value = serde_json::from_slice(&out.stdout)
+                .unwrap_or_else(|e| panic!("report's JSON: {e}; stderr: {stderr}"));
+            json["pending"].clone()
+        }
+    };
+    let migrate = binary()
+        .arg("migrate")
+        .env("DATABASE_URL", &env.database_url)
+        .spawn()
+        .expect("spawn");
+    assert_eq!(output(migrate).await.0, Some(0), "the audit schema");
+    let plugin_on = tokio::net::TcpStream::connect(management).await.is_ok();
+    let ca = kit.ca.cert_path.display().to_string();
+    let untrusted = report(None).await;
+    // Without the CA the certificate is not trusted: the unacked count is
+    // unknown. With it, it is known where the plugin is on.
+    assert!(untrusted["unacked"].is_null(), "{untrusted}");
+    if plugin_on {
+        eprintln!("management plugin on: checking the count over https");
+        // The management API's numbers for a new queue lag a few seconds.
+        eventually("the unacked count over https", || async {
+            report(Some(ca.clone())).await["unacked"].is_u64()
+        })
+        .await;
+        assert!(proxy.handshakes() > 0);
+    } else {
+        eprintln!("management plugin off: checking that the count is unknown over https too");
+        let trusted = report(Some(ca)).await;
+        assert!(trusted["unacked"].is_null(), "{trusted}");
+    }
+}
