@@ -69,8 +69,10 @@ Examples:
 }
 
 const DEMO_EXAMPLE: &str = "\
-Example (RabbitMQ and Postgres on localhost, e.g. `docker compose up -d rabbitmq postgres`):
-  aom-terminator demo --requests 10000
+Examples:
+  aom-terminator demo                      # 10,000 requests; RabbitMQ and Postgres on localhost
+  aom-terminator demo --requests 500 --keep
+  (the services: e.g. `docker compose up -d rabbitmq postgres`)
 
 It starts the fake API in-process (20 ms latency; 1% always 500, 2% 404, 3% 500-then-200),
 applies the audit migrations, publishes the requests as one mass cancellation (batches of
