@@ -17,30 +17,17 @@ use crate::sandbox::{RunningSandbox, Sandbox, SandboxArgs, parse_ratios};
 use crate::settings::{ConfigError, DaemonConfig, RunArgs};
 use crate::telemetry::cause_chain;
 use crate::tools::enqueue::{DEFAULT_BATCH_SIZE, publish_batches};
+use crate::tools::output::{Progress, note};
 use crate::tools::report::{Pending, Report, to_table};
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use clap::{CommandFactory, FromArgMatches};
 use secrecy::SecretString;
 use std::future::Future;
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
-
-/// A line on stderr; a closed stderr is not a panic.
-macro_rules! note {
-    ($($arg:tt)*) => {{
-        let _ = writeln!(std::io::stderr(), $($arg)*);
-    }};
-}
-
-/// The same without the newline (the progress bar).
-macro_rules! note_raw {
-    ($($arg:tt)*) => {{
-        let _ = write!(std::io::stderr(), $($arg)*);
-    }};
-}
 
 /// `requested_by` of every demo request.
 pub const REQUESTED_BY: &str = "demo";
@@ -303,7 +290,7 @@ async fn drive(
     let mut daemon = tokio::spawn(daemon::run(cfg.clone(), async move {
         let _ = stopped.await;
     }));
-    let mut progress = Progress::new(total);
+    let mut progress = Progress::new(total, "have their outcome");
     let mut tick = tokio::time::interval(POLL);
     let mut shutdown = std::pin::pin!(shutdown);
     let mut done = 0i64;
@@ -464,58 +451,6 @@ GROUP BY substring(request_id FROM '^demo-([^-]+-[^-]+)-') ORDER BY started;
         port = db.port,
         name = db.database,
     )
-}
-
-/// A progress bar with rate and ETA on a terminal (stderr); a plain line per
-/// tenth otherwise.
-struct Progress {
-    total: usize,
-    started: Instant,
-    tty: bool,
-    last_tenth: usize,
-}
-
-impl Progress {
-    fn new(total: usize) -> Self {
-        Self {
-            total,
-            started: Instant::now(),
-            tty: std::io::stderr().is_terminal(),
-            last_tenth: 0,
-        }
-    }
-
-    fn update(&mut self, done: usize) {
-        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
-        let rate = done as f64 / secs;
-        if self.tty {
-            let width = 30;
-            let filled = (width * done / self.total.max(1)).min(width);
-            let eta = self.total.saturating_sub(done) as f64 / rate.max(1e-9);
-            note_raw!(
-                "\r[{}{}] {done}/{} requests have their outcome, {rate:.0}/s, eta {eta:.0}s ",
-                "#".repeat(filled),
-                " ".repeat(width - filled),
-                self.total
-            );
-            let _ = std::io::stderr().flush();
-        } else {
-            let tenth = 10 * done / self.total.max(1);
-            if tenth > self.last_tenth {
-                self.last_tenth = tenth;
-                note!(
-                    "{done}/{} requests have their outcome ({rate:.0}/s)",
-                    self.total
-                );
-            }
-        }
-    }
-
-    fn finish(&self) {
-        if self.tty {
-            note!("");
-        }
-    }
 }
 
 #[cfg(test)]

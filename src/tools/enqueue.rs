@@ -4,13 +4,13 @@
 //! (unless `--skip-invalid`); then batch messages go out with publisher
 //! confirms and the mandatory flag, so nothing is silently dropped.
 
-use super::output::note;
+use super::output::{Progress, note};
 use crate::broker::{Admin, BrokerError};
 use crate::domain::{Item, MAX_BATCH, ParsedMessage, TerminationRequest, WireRequest, batch_body};
 use crate::settings::{BrokerArgs, ConfigError};
 use clap::{Args, ValueEnum};
 use sha2::{Digest, Sha256};
-use std::io::{IsTerminal, Read, Write};
+use std::io::Read;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -270,7 +270,7 @@ pub async fn run(args: EnqueueArgs) -> anyhow::Result<Enqueued> {
     }
     let started = Instant::now();
     let admin = Admin::open(&settings).await?;
-    let mut progress = Progress::new(requests.len());
+    let mut progress = Progress::new(requests.len(), "published");
     let result = publish_batches(
         &admin,
         &settings.queue,
@@ -319,57 +319,6 @@ pub async fn publish_batches(
         published(done);
     }
     Ok(messages)
-}
-
-/// A progress bar with rate and ETA on a terminal; a plain line per tenth
-/// otherwise.
-struct Progress {
-    total: usize,
-    started: Instant,
-    tty: bool,
-    last_tenth: usize,
-}
-
-impl Progress {
-    fn new(total: usize) -> Self {
-        Self {
-            total,
-            started: Instant::now(),
-            tty: std::io::stderr().is_terminal(),
-            last_tenth: 0,
-        }
-    }
-
-    fn update(&mut self, done: usize) {
-        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
-        let rate = done as f64 / secs;
-        let eta = (self.total.saturating_sub(done)) as f64 / rate.max(1e-9);
-        if self.tty {
-            let width = 30;
-            let filled = width * done / self.total.max(1);
-            let mut stderr = std::io::stderr();
-            let _ = write!(
-                stderr,
-                "\r[{}{}] {done}/{} {rate:.0}/s eta {eta:.0}s ",
-                "#".repeat(filled),
-                " ".repeat(width - filled),
-                self.total
-            );
-            let _ = stderr.flush();
-        } else {
-            let tenth = 10 * done / self.total.max(1);
-            if tenth > self.last_tenth {
-                self.last_tenth = tenth;
-                note!("published {done}/{} ({rate:.0}/s)", self.total);
-            }
-        }
-    }
-
-    fn finish(&self) {
-        if self.tty {
-            note!("");
-        }
-    }
 }
 
 #[cfg(test)]

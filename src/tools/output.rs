@@ -4,7 +4,8 @@
 //! into a quiet exit 0. Progress, summaries and complaints go to standard
 //! error through `note!`.
 
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufWriter, IsTerminal, Write};
+use std::time::Instant;
 
 /// Standard output, buffered. A write that finds the pipe closed fails with
 /// `ErrorKind::BrokenPipe` carrying [`StdoutClosed`], so that a broken pipe
@@ -94,6 +95,59 @@ macro_rules! note {
     }};
 }
 pub(crate) use note;
+
+/// A progress bar with rate and ETA on a terminal (standard error); a
+/// plain line per tenth otherwise. `what` says what is counted.
+pub struct Progress {
+    total: usize,
+    what: &'static str,
+    started: Instant,
+    tty: bool,
+    last_tenth: usize,
+}
+
+impl Progress {
+    pub fn new(total: usize, what: &'static str) -> Self {
+        Self {
+            total,
+            what,
+            started: Instant::now(),
+            tty: io::stderr().is_terminal(),
+            last_tenth: 0,
+        }
+    }
+
+    pub fn update(&mut self, done: usize) {
+        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+        let rate = done as f64 / secs;
+        let (total, what) = (self.total, self.what);
+        if self.tty {
+            let width = 30;
+            let filled = (width * done / total.max(1)).min(width);
+            let eta = total.saturating_sub(done) as f64 / rate.max(1e-9);
+            let mut stderr = io::stderr();
+            let _ = write!(
+                stderr,
+                "\r[{}{}] {done}/{total} {what}, {rate:.0}/s, eta {eta:.0}s ",
+                "#".repeat(filled),
+                " ".repeat(width - filled),
+            );
+            let _ = stderr.flush();
+        } else {
+            let tenth = 10 * done / total.max(1);
+            if tenth > self.last_tenth {
+                self.last_tenth = tenth;
+                note!("{done}/{total} {what} ({rate:.0}/s)");
+            }
+        }
+    }
+
+    pub fn finish(&self) {
+        if self.tty {
+            note!("");
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

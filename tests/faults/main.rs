@@ -332,11 +332,7 @@ async fn two_daemons_one_killed_and_restarted() {
     assert_eq!(counts.len(), 2, "{counts:?}");
     double_sends_are_flagged(&env, &reqs).await;
     for child in [a2, b] {
-        let pid = child.id().expect("pid").to_string();
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status();
-        let (code, out) = output(child).await;
+        let (code, out) = terminate(child).await;
         assert_eq!(code, Some(0), "{out}");
     }
 }

@@ -621,18 +621,39 @@ pub async fn output(mut child: Child) -> (Option<i32>, String) {
 /// Run `aom-terminator run` with `vars` (and nothing else from the shell):
 /// it must exit 2 with one line that says `want` and shows no `secret`.
 pub async fn assert_refused_in_one_line(vars: &[(&str, &str)], want: &str, secret: &str) {
+    assert_run_refused(vars, want, secret).await;
+}
+
+/// `assert_refused_in_one_line` for settings given as owned pairs (a base
+/// such as `TestEnv::binary_env`, then overrides: the last one wins).
+pub async fn assert_run_refused<K: AsRef<str>, V: AsRef<str>>(
+    vars: &[(K, V)],
+    want: &str,
+    secret: &str,
+) {
+    let shown: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_ref(), v.as_ref())).collect();
     let child = binary()
         .arg("run")
-        .envs(vars.iter().copied())
+        .envs(shown.iter().copied())
         .spawn()
         .expect("spawn");
     let (code, out) = output(child).await;
-    assert_eq!(code, Some(2), "{vars:?}: {out}");
+    assert_eq!(code, Some(2), "{shown:?}: {out}");
     assert_eq!(
         out.trim().lines().count(),
         1,
-        "one line for {vars:?}: {out}"
+        "one line for {shown:?}: {out}"
     );
-    assert!(out.contains(want), "{vars:?} should say {want}: {out}");
+    assert!(out.contains(want), "{shown:?} should say {want}: {out}");
     assert!(!out.contains("panicked") && !out.contains(secret), "{out}");
+}
+
+/// SIGTERM `child` and wait for it: its exit code and output.
+pub async fn terminate(child: Child) -> (Option<i32>, String) {
+    if let Some(pid) = child.id() {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+    }
+    output(child).await
 }

@@ -16,21 +16,9 @@ const BROKER_PASSWORD: &str = "guest";
 /// Run `aom-terminator run` with the test's settings and `vars` over them:
 /// it must exit 2 with one line that says `want` and shows no password.
 async fn refused_at_start(env: &TestEnv, vars: &[(&str, String)], want: &str) {
-    let child = binary()
-        .arg("run")
-        .envs(env.binary_env())
-        .envs(vars.iter().map(|(k, v)| (*k, v.as_str())))
-        .spawn()
-        .expect("spawn");
-    let (code, out) = output(child).await;
-    assert_eq!(code, Some(2), "{vars:?}: {out}");
-    assert_eq!(
-        out.trim().lines().count(),
-        1,
-        "one line for {vars:?}: {out}"
-    );
-    assert!(out.contains(want), "{vars:?} should say {want}: {out}");
-    assert!(!out.contains(&format!(":{BROKER_PASSWORD}@")), "{out}");
+    let mut all: Vec<(&str, String)> = env.binary_env();
+    all.extend(vars.iter().cloned());
+    assert_run_refused(&all, want, &format!(":{BROKER_PASSWORD}@")).await;
 }
 
 /// One request through the in-process daemon with `extra` settings.
@@ -234,11 +222,7 @@ async fn api_calls_go_through_https_proxy_settings() {
         .await;
     assert_eq!(succeeded, 3);
     assert_eq!(env.sandbox.sandbox().stats().calls, 3);
-    let pid = child.id().expect("pid").to_string();
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status();
-    let (code, out) = output(child).await;
+    let (code, out) = terminate(child).await;
     assert_eq!(code, Some(0), "{out}");
 }
 
