@@ -374,3 +374,58 @@ async fn the_management_api_over_https_with_the_broker_ca() {
         assert!(trusted["unacked"].is_null(), "{trusted}");
     }
 }
+
+#[tokio::test]
+async fn a_start_fails_fast_on_what_only_a_person_can_fix_and_retries_the_rest() {
+    let env = TestEnv::new().await;
+    let amqp = url::Url::parse(&env.amqp_url).expect("amqp url");
+    let with = |f: &dyn Fn(&mut url::Url)| {
+        let mut u = amqp.clone();
+        f(&mut u);
+        u.to_string()
+    };
+    let wrong_password = with(&|u| {
+        let _ = u.set_password(Some("not-the-password"));
+    });
+    refused_at_start(
+        &env,
+        &[("AMQP_URL", wrong_password)],
+        "the broker refused the credentials",
+    )
+    .await;
+    let no_vhost = with(&|u| u.set_path("/aomt-no-such-vhost"));
+    refused_at_start(
+        &env,
+        &[("AMQP_URL", no_vhost)],
+        "the broker refused the vhost",
+    )
+    .await;
+    let database = url::Url::parse(&env.database_url).expect("database url");
+    let mut no_db = database.clone();
+    no_db.set_path("/aomt_no_such_database");
+    refused_at_start(
+        &env,
+        &[("DATABASE_URL", no_db.to_string())],
+        "no such database",
+    )
+    .await;
+    let mut no_role = database.clone();
+    let _ = no_role.set_username("aomt_no_such_role");
+    refused_at_start(&env, &[("DATABASE_URL", no_role.to_string())], "refused").await;
+
+    // A broker that is not there (yet) is waited for, not given up on.
+    let child = binary()
+        .arg("run")
+        .envs(env.binary_env())
+        .env("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")
+        .spawn()
+        .expect("spawn");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (code, out) = terminate(child).await;
+    assert_eq!(code, Some(0), "still retrying when stopped: {out}");
+    let warnings = out
+        .lines()
+        .filter(|l| l.contains("broker unavailable"))
+        .count();
+    assert_eq!(warnings, 1, "the first failure logged once: {out}");
+}
