@@ -385,3 +385,43 @@ fn docker_compose_config_accepts_the_file() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The image's binary is the locked release build of this repository: the
+/// last build in the builder stage is `cargo build --release --locked`, it
+/// copies `target/release/aom-terminator`, and the runtime stage takes that
+/// file from the builder (no second build, no other binary).
+#[test]
+fn the_image_runs_the_locked_release_build() {
+    let text = std::fs::read_to_string(root().join("Dockerfile")).expect("Dockerfile");
+    let lines: Vec<&str> = text.lines().collect();
+    let runtime_from = lines
+        .iter()
+        .rposition(|l| l.starts_with("FROM "))
+        .expect("a runtime stage");
+    let (builder, runtime) = lines.split_at(runtime_from);
+    let last_build = builder
+        .iter()
+        .rposition(|l| l.contains("cargo build"))
+        .expect("a cargo build in the builder stage");
+    assert!(
+        builder[last_build].contains("--release") && builder[last_build].contains("--locked"),
+        "{}",
+        builder[last_build]
+    );
+    assert!(
+        builder[last_build..]
+            .iter()
+            .any(|l| l.contains("cp target/release/aom-terminator /usr/local/bin/aom-terminator")),
+        "the release binary is what the builder keeps"
+    );
+    assert!(
+        runtime
+            .iter()
+            .any(|l| l.starts_with("COPY --from=builder /usr/local/bin/aom-terminator ")),
+        "the runtime stage copies the builder's binary"
+    );
+    assert!(
+        !runtime.iter().any(|l| l.contains("cargo ")),
+        "nothing is built in the runtime stage"
+    );
+}
