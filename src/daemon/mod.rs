@@ -190,7 +190,9 @@ async fn serve(
     let credits = Arc::new(Semaphore::new(cfg.prefetch_requests));
 
     let mut reconnect = reconnect_backoff();
-    let mut sessions: Vec<Session> = Vec::new();
+    // The session consuming when the stop came: kept open until the work
+    // in flight is done, since it acks on it.
+    let mut last: Option<Session> = None;
     let mut unavailable = Repeats::default();
     let mut lost_at: Option<Instant> = None;
     let mut ever_opened = false;
@@ -270,8 +272,7 @@ async fn serve(
         )
         .await;
         if stop.is_cancelled() {
-            // Kept open until the in-flight work is done: it acks on it.
-            sessions.push(session);
+            last = Some(session);
             break;
         }
         // Lost: one event that everything working for the session sees.
@@ -291,7 +292,6 @@ async fn serve(
         );
         session_tasks.close();
         tokio::spawn(report_drained(session_tasks, tally));
-        sessions.retain(Session::is_connected);
         if opened_at.elapsed() < SHORT_SESSION {
             // Lost as soon as it was opened (the consumer refused, say):
             // back off, or this would spin.
@@ -307,7 +307,7 @@ async fn serve(
 
     // Safe point: nothing new starts; wait for what is in flight (bounded
     // by `abort`), then let the writer drain, then close the broker.
-    for s in &sessions {
+    if let Some(s) = &last {
         s.cancel_consumer().await;
     }
     tasks.close();
@@ -325,7 +325,7 @@ async fn serve(
             tracing::error!(error = %e, "{name} ended abnormally");
         }
     }
-    for s in &sessions {
+    if let Some(s) = &last {
         s.close().await;
     }
     summary.abort();
