@@ -60,22 +60,33 @@ use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 mod args;
+#[cfg(test)]
+mod http_tests;
 mod identity;
+mod limits;
+mod projects;
 mod script;
 mod server;
 mod stats;
+#[cfg(test)]
+mod testkit;
 mod tls;
 
 use crate::settings::ConfigError;
 use anyhow::Context as _;
 use axum::serve::ListenerExt as _;
-use identity::{IamAccount, Identity};
+use identity::{IamAccount, Identity, ProjectRules};
+use limits::{Capacity, RateLimiter};
 use server::{AppState, router};
 use stats::{Stats, execution_key};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use args::{FailRatios, RatioError, SandboxArgs, parse_latency, parse_ratios};
+pub use projects::{
+    ProjectList, ProjectRegions, ProjectsError, TokenProjects, TokenProjectsParser,
+    parse_project_list, parse_project_regions, parse_token_projects,
+};
 pub use server::timer_aim;
 pub use stats::SandboxStats;
 
@@ -88,6 +99,10 @@ struct Inner {
     identity: Identity,
     /// Non-zero: every terminate call answers this status (an outage).
     outage: std::sync::atomic::AtomicU16,
+    /// The API gateway's throttling (`--rate-limit`).
+    rate: RateLimiter,
+    /// The backend's capacity (`--capacity`, `--queue-limit`).
+    capacity: Capacity,
     stats: Stats,
 }
 
@@ -127,8 +142,15 @@ impl Sandbox {
                         _ => None,
                     },
                     args.ak.clone().zip(args.sk.clone()),
+                    ProjectRules {
+                        token_projects: args.token_projects.clone().unwrap_or_default(),
+                        iam_user_projects: args.iam_user_projects.clone(),
+                        regions: args.project_regions.clone(),
+                    },
                 ),
                 outage: std::sync::atomic::AtomicU16::new(0),
+                rate: RateLimiter::new(args.rate_limit),
+                capacity: Capacity::new(args.capacity, args.queue_limit),
                 stats: Stats::new(),
             }),
         }
@@ -206,6 +228,15 @@ impl Sandbox {
             max_in_flight: stats.max_in_flight.load(Ordering::Relaxed),
             iam_calls: self.inner.identity.iam_calls.load(Ordering::Relaxed),
             answer_micros: stats.answer_micros.load(Ordering::Relaxed),
+            queued: stats.queued.load(Ordering::Relaxed),
+            max_queued: stats.max_queued.load(Ordering::Relaxed),
+            iam_calls_by_project: self
+                .inner
+                .identity
+                .iam_calls_by_project
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
         }
     }
 
@@ -233,6 +264,23 @@ impl Sandbox {
             .unwrap_or_else(PoisonError::into_inner) = token;
     }
 
+    /// Which projects each static token covers (as `--token-projects`); `None` (or an
+    /// empty list): a valid token covers every project. Takes effect on the next call.
+    pub fn set_token_projects(&self, token_projects: Option<TokenProjects>) {
+        *self
+            .inner
+            .identity
+            .token_projects
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = token_projects.unwrap_or_default();
+    }
+
+    /// A new rate limit in calls per second (as `--rate-limit`, with a full bucket);
+    /// `None` (or 0) throttles nothing.
+    pub fn set_rate_limit(&self, calls_per_second: Option<u32>) {
+        self.inner.rate.set(calls_per_second);
+    }
+
     /// An outage: every terminate call answers `status` until `None`.
     pub fn set_outage(&self, status: Option<u16>) {
         self.inner
@@ -250,8 +298,9 @@ impl Sandbox {
         self.inner.identity.revoke_iam_tokens();
     }
 
-    /// Zeroes the counters and forgets per-execution call counts (so `flaky` executions
-    /// fail again). `in_flight` is live and kept; `max_in_flight` restarts from it.
+    /// Zeroes the counters (the IAM ones too) and forgets per-execution call counts (so
+    /// `flaky` executions fail again). `in_flight` and `queued` are live and kept;
+    /// `max_in_flight` and `max_queued` restart from them.
     pub fn reset_stats(&self) {
         let stats = &self.inner.stats;
         stats
@@ -267,6 +316,10 @@ impl Sandbox {
         stats
             .max_in_flight
             .store(stats.in_flight.load(Ordering::Relaxed), Ordering::Relaxed);
+        stats
+            .max_queued
+            .store(stats.queued.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.inner.identity.reset_counts();
     }
 
     fn token_required(&self) -> bool {
@@ -398,6 +451,9 @@ pub async fn run(
         url = %running.base_url(),
         latency = ?args.latency,
         fail_ratios = %args.fail_ratios,
+        rate_limit = ?args.rate_limit,
+        capacity = ?args.capacity,
+        queue_limit = ?args.queue_limit,
         token_required = running.sandbox().token_required(),
         "sandbox listening"
     );
@@ -419,6 +475,7 @@ pub async fn run(
     tracing::info!(
         calls = stats.calls,
         max_in_flight = stats.max_in_flight,
+        max_queued = stats.max_queued,
         by_status = ?stats.by_status,
         "sandbox stopped"
     );
