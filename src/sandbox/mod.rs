@@ -8,13 +8,19 @@
 //! The real API's bodies for 200, 400, 401, 404 and 500 (see
 //! `shared/reference/aom-terminate-api.md`). For each terminate call, in this order:
 //!
+//! 0. Load limits (`limits.rs`): the gateway's rate limit (`--rate-limit`), checked on
+//!    arrival, answers 429 `APIGW.0308` at once; then the backend's capacity
+//!    (`--capacity`): a call waits its turn (FIFO) or, when `--queue-limit` calls already
+//!    wait, answers 503 `AOM.0503`. Neither reaches the script below. A call that waited
+//!    counts its latency from when its turn came.
 //! 1. The base latency (`--latency`) is waited, counted from the call's arrival. Tokio's
 //!    timer fires on the first millisecond tick after a deadline, about 1 ms late on
 //!    average; the sandbox aims that much early (at most half the latency), so that the
 //!    mean answer time is the latency asked for. `/_sandbox/stats` reports the answer
 //!    times it achieved.
 //! 2. Authentication: when an expected token is configured, `X-Auth-Token` must equal it,
-//!    else 401.
+//!    else 401. A token listed in `--token-projects`, or issued by the fake IAM for a
+//!    project, is valid for its projects only (`projects.rs`, `identity.rs`).
 //! 3. Validation as in the real API: `project_id` exactly 32 characters, `workflow_id` and
 //!    `execution_id` 1..64 characters, `Content-Type` starting with `application/json`; a
 //!    malformed scripted prefix (below) is also rejected. All answer 400 with
@@ -44,6 +50,10 @@
 //! * `POST /_sandbox/reset`: [`Sandbox::reset_stats`].
 //! * `POST /_sandbox/token`: the raw body (surrounding whitespace trimmed) becomes the
 //!   expected token; an empty body accepts any token.
+//! * `POST /_sandbox/token-projects`: the body (as `--token-projects`) becomes the token
+//!   coverage; an empty body lifts it.
+//!
+//! The fake IAM serves `POST /v3/auth/tokens` and `GET /v3/projects/{project_id}`.
 //!
 //! # HTTPS
 //!
