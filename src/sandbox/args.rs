@@ -7,6 +7,10 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+use super::projects::{
+    ProjectList, ProjectRegions, TokenProjects, TokenProjectsParser, parse_project_list,
+    parse_project_regions,
+};
 use super::script::{execution_hash, unit_interval};
 
 /// Lowest and highest status the sandbox can be scripted to answer.
@@ -65,6 +69,39 @@ pub struct SandboxArgs {
         requires = "tls_cert"
     )]
     pub tls_key: Option<PathBuf>,
+    /// Throttle terminate calls as the API gateway does: a token bucket of R calls per
+    /// second, with a burst of R/10 (at least 1); a call beyond it gets 429 `APIGW.0308`
+    /// with `Retry-After`. Unset: no limit.
+    #[arg(long, env = "SANDBOX_RATE_LIMIT", value_name = "R",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub rate_limit: Option<u32>,
+    /// Serve at most N terminate calls at once (each holds its place for its latency and
+    /// answer); the others wait their turn. Unset: no limit.
+    #[arg(long, env = "SANDBOX_CAPACITY", value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub capacity: Option<u32>,
+    /// With `--capacity`: at most Q calls wait; the next gets 503 `AOM.0503` with
+    /// `Retry-After: 1`. Unset: the queue is unbounded.
+    #[arg(long, env = "SANDBOX_QUEUE_LIMIT", value_name = "Q", requires = "capacity",
+          value_parser = clap::value_parser!(u32))]
+    pub queue_limit: Option<u32>,
+    /// Projects each static token covers, `TOKEN=PID[,PID...][;TOKEN=...]`: a listed token
+    /// is valid for its projects only (401 elsewhere); the expected token, unless listed,
+    /// covers every project. Unset: a valid token covers every project.
+    #[arg(long, env = "SANDBOX_TOKEN_PROJECTS", hide_env_values = true,
+          value_name = "TOKEN=PID,...;...", value_parser = TokenProjectsParser)]
+    pub token_projects: Option<TokenProjects>,
+    /// Projects the fake IAM's user may get a token for, `PID[,PID...]`; a token request
+    /// scoped to another project gets 401. Unset: any project.
+    #[arg(long, env = "SANDBOX_IAM_USER_PROJECTS", value_name = "PID,...",
+          value_parser = parse_project_list)]
+    pub iam_user_projects: Option<ProjectList>,
+    /// Region (IAM's project name) of each project, `PID=REGION,...`: what
+    /// `GET /v3/projects/{project_id}` answers, and how a token scoped by name finds its
+    /// project.
+    #[arg(long, env = "SANDBOX_PROJECT_REGIONS", value_name = "PID=REGION,...",
+          default_value = "", value_parser = parse_project_regions)]
+    pub project_regions: ProjectRegions,
 }
 
 impl SandboxArgs {
@@ -91,6 +128,12 @@ impl fmt::Debug for SandboxArgs {
             .field("ak", &self.ak)
             .field("tls_cert", &self.tls_cert)
             .field("tls_key", &self.tls_key)
+            .field("rate_limit", &self.rate_limit)
+            .field("capacity", &self.capacity)
+            .field("queue_limit", &self.queue_limit)
+            .field("token_projects", &self.token_projects)
+            .field("iam_user_projects", &self.iam_user_projects)
+            .field("project_regions", &self.project_regions)
             .finish_non_exhaustive()
     }
 }
@@ -110,6 +153,12 @@ impl Default for SandboxArgs {
             sk: None,
             tls_cert: None,
             tls_key: None,
+            rate_limit: None,
+            capacity: None,
+            queue_limit: None,
+            token_projects: None,
+            iam_user_projects: None,
+            project_regions: ProjectRegions::default(),
         }
     }
 }
@@ -408,6 +457,70 @@ mod tests {
                 line.starts_with("error:") && line.contains(missing),
                 "{line}"
             );
+        }
+    }
+
+    #[test]
+    fn load_and_project_options_parse_and_refuse_bad_values() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            sandbox: SandboxArgs,
+        }
+        let parse = |argv: &[&str]| crate::cli::parse_args_only::<Cli, _, _>(argv.iter().copied());
+        let cli = parse(&[
+            "x",
+            "--rate-limit",
+            "100",
+            "--capacity",
+            "4",
+            "--queue-limit",
+            "0",
+            "--token-projects",
+            "tok-zz9=p1,p2;other=p3",
+            "--iam-user-projects",
+            "p1,p2",
+            "--project-regions",
+            "p1=cn-north-4,p2=ap-southeast-1",
+        ])
+        .unwrap()
+        .sandbox;
+        assert_eq!(
+            (cli.rate_limit, cli.capacity, cli.queue_limit),
+            (Some(100), Some(4), Some(0))
+        );
+        assert_eq!(
+            cli.token_projects,
+            Some(TokenProjects::new([
+                ("tok-zz9", vec!["p1", "p2"]),
+                ("other", vec!["p3"])
+            ]))
+        );
+        assert!(cli.iam_user_projects.as_ref().unwrap().contains("p2"));
+        assert_eq!(cli.project_regions.region("p1"), Some("cn-north-4"));
+        let debug = format!("{cli:?}");
+        assert!(!debug.contains("tok-zz9"), "{debug}");
+        let defaults = parse(&["x"]).unwrap().sandbox;
+        assert_eq!(
+            (defaults.rate_limit, defaults.capacity, defaults.queue_limit),
+            (None, None, None)
+        );
+        assert!(defaults.token_projects.is_none() && defaults.iam_user_projects.is_none());
+        for bad in [
+            &["x", "--rate-limit", "0"][..],
+            &["x", "--rate-limit", "fast"],
+            &["x", "--capacity", "0"],
+            &["x", "--queue-limit", "3"],
+            &["x", "--capacity", "1", "--queue-limit", "-1"],
+            &["x", "--token-projects", "tok-zz9"],
+            &["x", "--iam-user-projects", "p1,,p2"],
+            &["x", "--project-regions", "p1"],
+        ] {
+            let err = parse(bad).err().expect("refused");
+            let line = crate::cli::one_line(&err);
+            assert!(line.starts_with("error:"), "{bad:?}: {line}");
+            assert!(!line.contains('\n') && !line.contains("tok-zz9"), "{line}");
         }
     }
 

@@ -2,12 +2,18 @@
 //! IAM (`POST /v3/auth/tokens`, password method), and AK/SK signatures
 //! checked with the same signer the daemon uses. With none configured,
 //! every call is let in.
+//!
+//! Projects: a static token listed in `--token-projects` covers its projects
+//! only (an unlisted expected token covers every project); an IAM token covers
+//! the project it was scoped to (by id, or by a name `--project-regions`
+//! knows; a name it does not know covers every project, as before).
 
+use super::projects::{ProjectList, ProjectRegions, TokenProjects, domain_id};
 use crate::aom::auth::aksk;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
@@ -24,13 +30,33 @@ pub struct IamAccount {
     pub token_lifetime: Duration,
 }
 
+/// The projects side of the identity: token coverage, the IAM user's projects, regions.
+#[derive(Clone, Default)]
+pub struct ProjectRules {
+    pub token_projects: TokenProjects,
+    /// `None`: the IAM user may get a token for any project.
+    pub iam_user_projects: Option<ProjectList>,
+    pub regions: ProjectRegions,
+}
+
+/// An IAM token: when it expires and the project it covers (`None`: every project).
+struct Issued {
+    expires: Instant,
+    project: Option<Box<str>>,
+}
+
 pub struct Identity {
     /// `None`: no token is expected. Never logged.
     pub expected_token: RwLock<Option<Box<str>>>,
+    /// Empty: no token is listed (a valid token covers every project). Never logged.
+    pub token_projects: RwLock<TokenProjects>,
+    iam_user_projects: Option<ProjectList>,
+    regions: ProjectRegions,
     iam: Option<IamAccount>,
     iam_available: AtomicBool,
-    issued: Mutex<HashMap<Box<str>, Instant>>,
+    issued: Mutex<HashMap<Box<str>, Issued>>,
     pub iam_calls: AtomicU64,
+    pub iam_calls_by_project: Mutex<BTreeMap<String, u64>>,
     aksk: Option<(String, String)>,
 }
 
@@ -39,13 +65,18 @@ impl Identity {
         expected_token: Option<Box<str>>,
         iam: Option<IamAccount>,
         aksk: Option<(String, String)>,
+        projects: ProjectRules,
     ) -> Self {
         Self {
             expected_token: RwLock::new(expected_token),
+            token_projects: RwLock::new(projects.token_projects),
+            iam_user_projects: projects.iam_user_projects,
+            regions: projects.regions,
             iam,
             iam_available: AtomicBool::new(true),
             issued: Mutex::new(HashMap::new()),
             iam_calls: AtomicU64::new(0),
+            iam_calls_by_project: Mutex::new(BTreeMap::new()),
             aksk,
         }
     }
@@ -57,22 +88,30 @@ impl Identity {
     }
 
     pub fn required(&self) -> bool {
-        self.expected().is_some() || self.iam.is_some() || self.aksk.is_some()
+        self.expected().is_some()
+            || !self.listed().is_empty()
+            || self.iam.is_some()
+            || self.aksk.is_some()
     }
 
-    /// Whether a terminate call may pass.
-    pub fn admits(&self, parts: &Parts, body: &[u8]) -> bool {
+    fn listed(&self) -> std::sync::RwLockReadGuard<'_, TokenProjects> {
+        self.token_projects
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether a terminate call for `project_id` may pass (`None`: a path that could not
+    /// be read, where only the credentials are checked).
+    pub fn admits(&self, parts: &Parts, body: &[u8], project_id: Option<&str>) -> bool {
         if !self.required() {
             return true;
         }
         let headers = &parts.headers;
         if let Some(token) = headers.get("x-auth-token") {
-            if let Some(expected) = self.expected().as_deref()
-                && token.as_bytes() == expected.as_bytes()
-            {
+            if self.static_token_covers(token.as_bytes(), project_id) {
                 return true;
             }
-            if self.iam.is_some() && self.iam_token_live(token) {
+            if self.iam.is_some() && self.iam_token_covers(token, project_id) {
                 return true;
             }
         }
@@ -82,14 +121,92 @@ impl Identity {
         }
     }
 
-    fn iam_token_live(&self, token: &HeaderValue) -> bool {
+    /// A listed token covers its projects; the expected token, unless listed, all.
+    fn static_token_covers(&self, token: &[u8], project_id: Option<&str>) -> bool {
+        if let Some(projects) = self.listed().get(token) {
+            return project_id.is_none_or(|p| projects.contains(p));
+        }
+        self.expected()
+            .as_deref()
+            .is_some_and(|expected| token == expected.as_bytes())
+    }
+
+    fn iam_token_covers(&self, token: &HeaderValue, project_id: Option<&str>) -> bool {
         let Ok(token) = token.to_str() else {
             return false;
         };
         let issued = self.issued.lock().unwrap_or_else(PoisonError::into_inner);
-        issued
-            .get(token)
-            .is_some_and(|expires| Instant::now() < *expires)
+        issued.get(token).is_some_and(|t| {
+            Instant::now() < t.expires
+                && match (&t.project, project_id) {
+                    (Some(covered), Some(asked)) => &**covered == asked,
+                    _ => true,
+                }
+        })
+    }
+
+    /// `GET /v3/projects/{project_id}`, as IAM answers it: the project and its region
+    /// (its name), for a caller with a valid token.
+    pub fn show_project(&self, headers: &HeaderMap, project_id: &str) -> Response {
+        let Some(account) = &self.iam else {
+            return keystone_error(
+                StatusCode::NOT_FOUND,
+                "IAM is not configured in this sandbox",
+            );
+        };
+        if !self.iam_available.load(Ordering::Relaxed) {
+            return keystone_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "IAM is unavailable (sandbox)",
+            );
+        }
+        let valid = headers.get("x-auth-token").is_some_and(|token| {
+            self.iam_token_covers(token, None) || self.static_token_covers(token.as_bytes(), None)
+        });
+        if !valid {
+            return keystone_error(
+                StatusCode::UNAUTHORIZED,
+                "The request you have made requires authentication.",
+            );
+        }
+        let Some(region) = self.regions.region(project_id) else {
+            return keystone_error(
+                StatusCode::NOT_FOUND,
+                &format!("Could not find project: {project_id}."),
+            );
+        };
+        let body = serde_json::json!({"project": {
+            "id": project_id,
+            "name": region,
+            "domain_id": domain_id(&account.domain),
+            "enabled": true,
+        }});
+        (StatusCode::OK, axum::Json(body)).into_response()
+    }
+
+    fn count_iam_call(&self, project: Option<&str>) {
+        self.iam_calls.fetch_add(1, Ordering::Relaxed);
+        if let Some(project) = project {
+            let mut by_project = self
+                .iam_calls_by_project
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            match by_project.get_mut(project) {
+                Some(n) => *n += 1,
+                None => {
+                    by_project.insert(project.to_owned(), 1);
+                }
+            }
+        }
+    }
+
+    /// Zeroes the IAM counters.
+    pub fn reset_counts(&self) {
+        self.iam_calls.store(0, Ordering::Relaxed);
+        self.iam_calls_by_project
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
     }
 
     /// Make IAM answer 503 (down) or work again.
@@ -107,7 +224,9 @@ impl Identity {
 
     /// `POST /v3/auth/tokens`, as IAM answers it.
     pub fn issue_token(&self, body: &[u8]) -> Response {
-        self.iam_calls.fetch_add(1, Ordering::Relaxed);
+        let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+        let scope = &v["auth"]["scope"]["project"];
+        self.count_iam_call(scope["id"].as_str().or(scope["name"].as_str()));
         let Some(account) = &self.iam else {
             return keystone_error(
                 StatusCode::NOT_FOUND,
@@ -120,10 +239,8 @@ impl Identity {
                 "IAM is unavailable (sandbox)",
             );
         }
-        let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
         let identity = &v["auth"]["identity"];
         let user = &identity["password"]["user"];
-        let scope = &v["auth"]["scope"]["project"];
         let password_method = identity["methods"]
             .as_array()
             .is_some_and(|m| m.iter().any(|x| x == "password"));
@@ -142,24 +259,50 @@ impl Identity {
                 "The username or password is wrong.",
             );
         }
+        // The project the token is for: its id, or the project `--project-regions` puts
+        // in the region named (unknown: every project, as before).
+        let project = match (scope["id"].as_str(), scope["name"].as_str()) {
+            (Some(id), _) => Some(id),
+            (None, Some(name)) => self.regions.project_in(name),
+            (None, None) => None,
+        };
+        if let Some(allowed) = &self.iam_user_projects
+            && !project.is_some_and(|p| allowed.contains(p))
+        {
+            // What IAM answers when the user has no role in the project asked for.
+            return keystone_error(
+                StatusCode::UNAUTHORIZED,
+                "The request you have made requires authentication.",
+            );
+        }
         let token = format!("MIIsandbox{:032x}", fastrand::u128(..));
         let now = chrono::Utc::now();
         let expires_at = now
             + chrono::TimeDelta::from_std(account.token_lifetime).unwrap_or(chrono::TimeDelta::MAX);
         {
             let mut issued = self.issued.lock().unwrap_or_else(PoisonError::into_inner);
-            issued.retain(|_, expires| Instant::now() < *expires);
+            issued.retain(|_, t| Instant::now() < t.expires);
             issued.insert(
                 token.as_str().into(),
-                Instant::now() + account.token_lifetime,
+                Issued {
+                    expires: Instant::now() + account.token_lifetime,
+                    project: project.map(Box::from),
+                },
             );
         }
-        let body = serde_json::json!({"token": {
+        let mut body = serde_json::json!({"token": {
             "methods": ["password"],
             "issued_at": now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
             "expires_at": expires_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
             "user": {"name": account.user, "domain": {"name": account.domain}},
         }});
+        if let Some(id) = project {
+            body["token"]["project"] = serde_json::json!({
+                "id": id,
+                "name": self.regions.region(id).or(scope["name"].as_str()),
+                "domain": {"id": domain_id(&account.domain), "name": account.domain},
+            });
+        }
         let mut response = (StatusCode::CREATED, axum::Json(body)).into_response();
         if let Ok(value) = HeaderValue::from_str(&token) {
             response.headers_mut().insert("x-subject-token", value);

@@ -8,13 +8,19 @@
 //! The real API's bodies for 200, 400, 401, 404 and 500 (see
 //! `shared/reference/aom-terminate-api.md`). For each terminate call, in this order:
 //!
+//! 0. Load limits (`limits.rs`): the gateway's rate limit (`--rate-limit`), checked on
+//!    arrival, answers 429 `APIGW.0308` at once; then the backend's capacity
+//!    (`--capacity`): a call waits its turn (FIFO) or, when `--queue-limit` calls already
+//!    wait, answers 503 `AOM.0503`. Neither reaches the script below. A call that waited
+//!    counts its latency from when its turn came.
 //! 1. The base latency (`--latency`) is waited, counted from the call's arrival. Tokio's
 //!    timer fires on the first millisecond tick after a deadline, about 1 ms late on
 //!    average; the sandbox aims that much early (at most half the latency), so that the
 //!    mean answer time is the latency asked for. `/_sandbox/stats` reports the answer
 //!    times it achieved.
 //! 2. Authentication: when an expected token is configured, `X-Auth-Token` must equal it,
-//!    else 401.
+//!    else 401. A token listed in `--token-projects`, or issued by the fake IAM for a
+//!    project, is valid for its projects only (`projects.rs`, `identity.rs`).
 //! 3. Validation as in the real API: `project_id` exactly 32 characters, `workflow_id` and
 //!    `execution_id` 1..64 characters, `Content-Type` starting with `application/json`; a
 //!    malformed scripted prefix (below) is also rejected. All answer 400 with
@@ -44,6 +50,10 @@
 //! * `POST /_sandbox/reset`: [`Sandbox::reset_stats`].
 //! * `POST /_sandbox/token`: the raw body (surrounding whitespace trimmed) becomes the
 //!   expected token; an empty body accepts any token.
+//! * `POST /_sandbox/token-projects`: the body (as `--token-projects`) becomes the token
+//!   coverage; an empty body lifts it.
+//!
+//! The fake IAM serves `POST /v3/auth/tokens` and `GET /v3/projects/{project_id}`.
 //!
 //! # HTTPS
 //!
@@ -60,22 +70,33 @@ use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 mod args;
+#[cfg(test)]
+mod http_tests;
 mod identity;
+mod limits;
+mod projects;
 mod script;
 mod server;
 mod stats;
+#[cfg(test)]
+mod testkit;
 mod tls;
 
 use crate::settings::ConfigError;
 use anyhow::Context as _;
 use axum::serve::ListenerExt as _;
-use identity::{IamAccount, Identity};
+use identity::{IamAccount, Identity, ProjectRules};
+use limits::{Capacity, RateLimiter};
 use server::{AppState, router};
 use stats::{Stats, execution_key};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use args::{FailRatios, RatioError, SandboxArgs, parse_latency, parse_ratios};
+pub use projects::{
+    ProjectList, ProjectRegions, ProjectsError, TokenProjects, TokenProjectsParser,
+    parse_project_list, parse_project_regions, parse_token_projects,
+};
 pub use server::timer_aim;
 pub use stats::SandboxStats;
 
@@ -88,6 +109,10 @@ struct Inner {
     identity: Identity,
     /// Non-zero: every terminate call answers this status (an outage).
     outage: std::sync::atomic::AtomicU16,
+    /// The API gateway's throttling (`--rate-limit`).
+    rate: RateLimiter,
+    /// The backend's capacity (`--capacity`, `--queue-limit`).
+    capacity: Capacity,
     stats: Stats,
 }
 
@@ -127,8 +152,15 @@ impl Sandbox {
                         _ => None,
                     },
                     args.ak.clone().zip(args.sk.clone()),
+                    ProjectRules {
+                        token_projects: args.token_projects.clone().unwrap_or_default(),
+                        iam_user_projects: args.iam_user_projects.clone(),
+                        regions: args.project_regions.clone(),
+                    },
                 ),
                 outage: std::sync::atomic::AtomicU16::new(0),
+                rate: RateLimiter::new(args.rate_limit),
+                capacity: Capacity::new(args.capacity, args.queue_limit),
                 stats: Stats::new(),
             }),
         }
@@ -206,6 +238,15 @@ impl Sandbox {
             max_in_flight: stats.max_in_flight.load(Ordering::Relaxed),
             iam_calls: self.inner.identity.iam_calls.load(Ordering::Relaxed),
             answer_micros: stats.answer_micros.load(Ordering::Relaxed),
+            queued: stats.queued.load(Ordering::Relaxed),
+            max_queued: stats.max_queued.load(Ordering::Relaxed),
+            iam_calls_by_project: self
+                .inner
+                .identity
+                .iam_calls_by_project
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
         }
     }
 
@@ -233,6 +274,23 @@ impl Sandbox {
             .unwrap_or_else(PoisonError::into_inner) = token;
     }
 
+    /// Which projects each static token covers (as `--token-projects`); `None` (or an
+    /// empty list): a valid token covers every project. Takes effect on the next call.
+    pub fn set_token_projects(&self, token_projects: Option<TokenProjects>) {
+        *self
+            .inner
+            .identity
+            .token_projects
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = token_projects.unwrap_or_default();
+    }
+
+    /// A new rate limit in calls per second (as `--rate-limit`, with a full bucket);
+    /// `None` (or 0) throttles nothing.
+    pub fn set_rate_limit(&self, calls_per_second: Option<u32>) {
+        self.inner.rate.set(calls_per_second);
+    }
+
     /// An outage: every terminate call answers `status` until `None`.
     pub fn set_outage(&self, status: Option<u16>) {
         self.inner
@@ -250,8 +308,9 @@ impl Sandbox {
         self.inner.identity.revoke_iam_tokens();
     }
 
-    /// Zeroes the counters and forgets per-execution call counts (so `flaky` executions
-    /// fail again). `in_flight` is live and kept; `max_in_flight` restarts from it.
+    /// Zeroes the counters (the IAM ones too) and forgets per-execution call counts (so
+    /// `flaky` executions fail again). `in_flight` and `queued` are live and kept;
+    /// `max_in_flight` and `max_queued` restart from them.
     pub fn reset_stats(&self) {
         let stats = &self.inner.stats;
         stats
@@ -267,6 +326,10 @@ impl Sandbox {
         stats
             .max_in_flight
             .store(stats.in_flight.load(Ordering::Relaxed), Ordering::Relaxed);
+        stats
+            .max_queued
+            .store(stats.queued.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.inner.identity.reset_counts();
     }
 
     fn token_required(&self) -> bool {
@@ -398,6 +461,9 @@ pub async fn run(
         url = %running.base_url(),
         latency = ?args.latency,
         fail_ratios = %args.fail_ratios,
+        rate_limit = ?args.rate_limit,
+        capacity = ?args.capacity,
+        queue_limit = ?args.queue_limit,
         token_required = running.sandbox().token_required(),
         "sandbox listening"
     );
@@ -419,6 +485,7 @@ pub async fn run(
     tracing::info!(
         calls = stats.calls,
         max_in_flight = stats.max_in_flight,
+        max_queued = stats.max_queued,
         by_status = ?stats.by_status,
         "sandbox stopped"
     );

@@ -16,6 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::Sandbox;
 use super::args::Outcome;
+use super::limits::{Admission, BODY_BUSY, Throttled, throttled_body};
+use super::projects::parse_token_projects;
 use super::script::{Script, parse_script};
 use super::stats::{InFlight, SandboxStats, execution_key};
 
@@ -87,7 +89,9 @@ pub(super) fn router(state: AppState) -> Router {
         .route("/_sandbox/stats", get(get_stats))
         .route("/_sandbox/reset", post(reset))
         .route("/_sandbox/token", post(set_token))
+        .route("/_sandbox/token-projects", post(set_token_projects))
         .route("/v3/auth/tokens", post(issue_token))
+        .route("/v3/projects/{project_id}", get(show_project))
         .with_state(state)
 }
 
@@ -95,57 +99,100 @@ pub(super) fn router(state: AppState) -> Router {
 enum Reply {
     Status(u16),
     Invalid(&'static str),
+    /// Refused by the gateway's rate limit: 429 `APIGW.0308`.
+    Throttled(Throttled),
+    /// The backend's queue is full: 503 `AOM.0503`.
+    Busy,
 }
+
+/// The terminate route's path parameters: project, workflow, execution.
+type Ids = (String, String, String);
 
 async fn terminate(
     State(app): State<AppState>,
-    path: Result<Path<(String, String, String)>, PathRejection>,
+    path: Result<Path<Ids>, PathRejection>,
     request: Request,
 ) -> Response {
     let arrived = tokio::time::Instant::now();
-    let stats = &app.sandbox.inner.stats;
+    let inner = &app.sandbox.inner;
+    let stats = &inner.stats;
     stats.calls.fetch_add(1, Ordering::Relaxed);
     let _in_flight = InFlight::enter(stats);
-    let reply = decide(&app, arrived, path, request).await;
-    let status = match reply {
-        Reply::Status(status) => status,
-        Reply::Invalid(_) => 400,
-    };
-    stats.count_status(status);
-    let took = u64::try_from(arrived.elapsed().as_micros()).unwrap_or(u64::MAX);
-    stats.answer_micros.fetch_add(took, Ordering::Relaxed);
-    match reply {
-        Reply::Status(status) => respond(status),
-        Reply::Invalid(msg) => error_response(StatusCode::BAD_REQUEST, INVALID_ERROR_CODE, msg),
-    }
-}
-
-async fn decide(
-    app: &AppState,
-    arrived: tokio::time::Instant,
-    path: Result<Path<(String, String, String)>, PathRejection>,
-    request: Request,
-) -> Reply {
     let (parts, body) = request.into_parts();
     // Read the (normally empty) body: AK/SK signatures cover it, and the
     // connection stays reusable.
     let body = axum::body::to_bytes(body, MAX_DRAINED_BODY)
         .await
         .unwrap_or_default();
-    if !app.wait_latency(arrived, app.sandbox.inner.latency).await {
+    let ids = path.ok().map(|Path(ids)| ids);
+    // The gateway throttles first; then the backend takes the call when it has room,
+    // and holds that place until the call is answered.
+    let throttle = inner.rate.check(std::time::Instant::now());
+    let admission = match throttle {
+        Ok(()) => Some(inner.capacity.admit(stats, &app.shutdown).await),
+        Err(_) => None,
+    };
+    let reply = match (throttle, &admission) {
+        (Err(throttled), _) => Reply::Throttled(throttled),
+        (Ok(()), Some(Admission::Busy)) => Reply::Busy,
+        (Ok(()), Some(Admission::ShuttingDown) | None) => Reply::Status(503),
+        (Ok(()), Some(Admission::Served { queued, .. })) => {
+            // A call that waited its turn gets the whole latency from then on.
+            let started = if *queued {
+                tokio::time::Instant::now()
+            } else {
+                arrived
+            };
+            decide(&app, started, ids.as_ref(), &parts, &body).await
+        }
+    };
+    if matches!(reply, Reply::Throttled(_) | Reply::Busy)
+        && let Some((project_id, workflow_id, execution_id)) = &ids
+    {
+        // Counted for the execution, but never accepted: its script is not reached.
+        stats.count_key(execution_key(project_id, workflow_id, execution_id), false);
+    }
+    let status = match reply {
+        Reply::Status(status) => status,
+        Reply::Invalid(_) => 400,
+        Reply::Throttled(_) => 429,
+        Reply::Busy => 503,
+    };
+    stats.count_status(status);
+    let took = u64::try_from(arrived.elapsed().as_micros()).unwrap_or(u64::MAX);
+    stats.answer_micros.fetch_add(took, Ordering::Relaxed);
+    let response = match reply {
+        Reply::Status(status) => respond(status),
+        Reply::Invalid(msg) => error_response(StatusCode::BAD_REQUEST, INVALID_ERROR_CODE, msg),
+        Reply::Throttled(throttled) => throttled_response(throttled),
+        Reply::Busy => busy_response(),
+    };
+    drop(admission);
+    response
+}
+
+async fn decide(
+    app: &AppState,
+    started: tokio::time::Instant,
+    ids: Option<&Ids>,
+    parts: &axum::http::request::Parts,
+    body: &[u8],
+) -> Reply {
+    if !app.wait_latency(started, app.sandbox.inner.latency).await {
         return Reply::Status(503);
     }
-    let authenticated = app.sandbox.inner.identity.admits(&parts, &body);
-    let Ok(Path((project_id, workflow_id, execution_id))) = path else {
+    let project = ids.map(|(project_id, _, _)| project_id.as_str());
+    let authenticated = app.sandbox.inner.identity.admits(parts, body, project);
+    let Some((project_id, workflow_id, execution_id)) = ids else {
         return if authenticated {
             Reply::Invalid("the path parameters are not valid percent-encoded UTF-8")
         } else {
             Reply::Status(401)
         };
     };
-    let script = validate(&parts.headers, &project_id, &workflow_id, &execution_id);
+    let script = validate(&parts.headers, project_id, workflow_id, execution_id);
     let accepted = app.sandbox.inner.stats.count_key(
-        execution_key(&project_id, &workflow_id, &execution_id),
+        execution_key(project_id, workflow_id, execution_id),
         authenticated && script.is_ok(),
     );
     if !authenticated {
@@ -166,7 +213,7 @@ async fn decide(
                 .sandbox
                 .inner
                 .ratios
-                .pick(&project_id, &workflow_id, &execution_id)
+                .pick(project_id, workflow_id, execution_id)
             {
                 Some(outcome) => outcome,
                 None => return Reply::Status(200),
@@ -241,14 +288,34 @@ fn respond(status: u16) -> Response {
     }
 }
 
-fn json_response(code: StatusCode, body: &'static str) -> Response {
+fn throttled_response(throttled: Throttled) -> Response {
+    let mut response = json_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        throttled_body(throttled.limit),
+    );
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(throttled.retry_after_secs),
+    );
+    response
+}
+
+fn busy_response() -> Response {
+    let mut response = json_response(StatusCode::SERVICE_UNAVAILABLE, BODY_BUSY);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
+fn json_response(code: StatusCode, body: impl Into<axum::body::Body>) -> Response {
     (
         code,
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         )],
-        body,
+        body.into(),
     )
         .into_response()
 }
@@ -293,6 +360,17 @@ async fn issue_token(State(app): State<AppState>, body: axum::body::Bytes) -> Re
     app.sandbox.inner.identity.issue_token(&body)
 }
 
+async fn show_project(
+    State(app): State<AppState>,
+    Path(project_id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    app.sandbox
+        .inner
+        .identity
+        .show_project(&headers, &project_id)
+}
+
 async fn get_stats(State(app): State<AppState>) -> axum::Json<SandboxStats> {
     axum::Json(app.sandbox.stats())
 }
@@ -313,123 +391,27 @@ async fn set_token(State(app): State<AppState>, body: String) -> StatusCode {
     StatusCode::NO_CONTENT
 }
 
+/// `POST /_sandbox/token-projects`: the body, as `--token-projects`, becomes the token
+/// coverage; an empty body lifts it. A bad body answers 400 saying why.
+async fn set_token_projects(State(app): State<AppState>, body: String) -> Response {
+    let body = body.trim();
+    match parse_token_projects(body) {
+        Ok(projects) => {
+            let listed = !projects.is_empty();
+            app.sandbox.set_token_projects(listed.then_some(projects));
+            tracing::info!(listed, "sandbox token projects changed");
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(err) => (StatusCode::BAD_REQUEST, err.to_string()).into_response(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sandbox::{RunningSandbox, SandboxArgs, parse_ratios};
-    use std::net::SocketAddr;
+    use crate::sandbox::testkit::{PROJECT, call, raw, start, terminate_path};
+    use crate::sandbox::{SandboxArgs, parse_ratios};
     use tokio::net::TcpStream;
-
-    const PROJECT: &str = "0123456789abcdef0123456789abcdef";
-
-    // ----- end to end over a raw socket -----
-
-    struct RawResponse {
-        status: u16,
-        head: String,
-        body: String,
-    }
-
-    impl RawResponse {
-        fn header(&self, name: &str) -> Option<&str> {
-            self.head.lines().skip(1).find_map(|line| {
-                let (n, v) = line.split_once(':')?;
-                n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-            })
-        }
-    }
-
-    async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> std::io::Result<()> {
-        while !buf.is_empty() {
-            stream.writable().await?;
-            match stream.try_write(buf) {
-                Ok(n) => buf = &buf[n..],
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    }
-
-    async fn read_to_end(stream: &TcpStream) -> std::io::Result<Vec<u8>> {
-        let mut out = Vec::new();
-        let mut chunk = [0u8; 4096];
-        loop {
-            stream.readable().await?;
-            match stream.try_read(&mut chunk) {
-                Ok(0) => return Ok(out),
-                Ok(n) => out.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    /// One HTTP/1.1 request on a fresh connection (`Connection: close`).
-    async fn raw(
-        addr: SocketAddr,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: &str,
-    ) -> RawResponse {
-        let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-            body.len()
-        );
-        for (name, value) in headers {
-            req.push_str(&format!("{name}: {value}\r\n"));
-        }
-        req.push_str("\r\n");
-        req.push_str(body);
-        let exchange = async {
-            let stream = TcpStream::connect(addr).await?;
-            write_all(&stream, req.as_bytes()).await?;
-            read_to_end(&stream).await
-        };
-        let bytes = tokio::time::timeout(Duration::from_secs(10), exchange)
-            .await
-            .expect("request timed out")
-            .expect("request failed");
-        let text = String::from_utf8(bytes).expect("response is not UTF-8");
-        let (head, body) = text.split_once("\r\n\r\n").expect("no end of head");
-        let status = head
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .expect("no status");
-        RawResponse {
-            status,
-            head: head.to_owned(),
-            body: body.to_owned(),
-        }
-    }
-
-    fn terminate_path(project: &str, workflow: &str, execution: &str) -> String {
-        format!("/v1/{project}/cms/workflow/{workflow}/executions/{execution}/terminate")
-    }
-
-    async fn call(addr: SocketAddr, token: &str, execution: &str) -> RawResponse {
-        raw(
-            addr,
-            "POST",
-            &terminate_path(PROJECT, "wf-1", execution),
-            &[
-                ("Content-Type", "application/json"),
-                ("X-Auth-Token", token),
-            ],
-            "",
-        )
-        .await
-    }
-
-    async fn start(args: SandboxArgs) -> RunningSandbox {
-        let sandbox = Sandbox::new(&args);
-        sandbox
-            .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-            .await
-            .expect("bind")
-    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn end_to_end() {

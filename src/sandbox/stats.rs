@@ -28,6 +28,16 @@ pub struct SandboxStats {
     pub answered: u64,
     #[serde(default)]
     pub answer_micros: u64,
+    /// Terminate calls waiting for the backend now (`--capacity`).
+    #[serde(default)]
+    pub queued: u64,
+    /// Highest `queued` seen since start or the last reset.
+    #[serde(default)]
+    pub max_queued: u64,
+    /// Token requests to the fake IAM by the project they are scoped to (its id, or its
+    /// name when scoped by name).
+    #[serde(default)]
+    pub iam_calls_by_project: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -43,6 +53,8 @@ pub(super) struct Stats {
     pub(super) in_flight: AtomicU64,
     pub(super) max_in_flight: AtomicU64,
     pub(super) answer_micros: AtomicU64,
+    pub(super) queued: AtomicU64,
+    pub(super) max_queued: AtomicU64,
     /// Index: status - 100.
     pub(super) by_status: [AtomicU64; 500],
     /// Key: [`execution_key`].
@@ -56,6 +68,8 @@ impl Stats {
             in_flight: AtomicU64::new(0),
             max_in_flight: AtomicU64::new(0),
             answer_micros: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
+            max_queued: AtomicU64::new(0),
             by_status: std::array::from_fn(|_| AtomicU64::new(0)),
             per_key: Mutex::new(HashMap::new()),
         }
