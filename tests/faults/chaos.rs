@@ -44,11 +44,23 @@ fn calls_needed(execution: &str) -> Option<u64> {
 }
 
 /// A daemon as a real binary, its broker connection through a proxy of its
-/// own, its log in the temporary directory.
+/// own, its logs in the temporary directory (kept if the test fails, for
+/// the post-mortem; removed when it is dropped after a pass).
 pub struct Daemon {
     pub child: Option<Child>,
     pub proxy: proxy::Proxy,
     pub starts: u32,
+    logs: Vec<std::path::PathBuf>,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            for log in &self.logs {
+                let _ = std::fs::remove_file(log);
+            }
+        }
+    }
 }
 
 impl Daemon {
@@ -57,6 +69,7 @@ impl Daemon {
             child: None,
             proxy: proxy::Proxy::start(amqp_addr(&env.amqp_url)).await,
             starts: 0,
+            logs: Vec::new(),
         }
     }
 
@@ -67,6 +80,7 @@ impl Daemon {
         let stderr = std::fs::File::create(&log)
             .map(Stdio::from)
             .unwrap_or_else(|_| Stdio::null());
+        self.logs.push(log);
         let child = binary()
             .arg("run")
             .envs(env.binary_env())
