@@ -190,9 +190,9 @@ async fn chaos_loses_nothing_and_repeats_within_the_bound() {
     let mut done = Done::default();
     let started = Instant::now();
     while started.elapsed() < CHAOS_FOR && env.outcomes().await < REQUESTS as i64 {
-        tokio::time::sleep(Duration::from_millis(rng.u64(1000..3000))).await;
+        tokio::time::sleep(Duration::from_millis(rng.u64(300..1500))).await;
         let which = rng.usize(..2);
-        let hold = Duration::from_millis(rng.u64(500..3000));
+        let hold = Duration::from_millis(rng.u64(300..2000));
         match rng.u8(..5) {
             0 => {
                 done.kills += 1;
