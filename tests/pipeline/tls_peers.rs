@@ -226,6 +226,140 @@ async fn api_calls_go_through_https_proxy_settings() {
     assert_eq!(code, Some(0), "{out}");
 }
 
+/// A forward proxy that answers `CONNECT` by tunnelling to `upstream`,
+/// whatever host the client asked for; it counts the tunnels it opened.
+struct ConnectProxy {
+    addr: std::net::SocketAddr,
+    tunnels: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ConnectProxy {
+    async fn start(upstream: std::net::SocketAddr) -> ConnectProxy {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let tunnels = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = std::sync::Arc::clone(&tunnels);
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let counted = std::sync::Arc::clone(&counted);
+                tokio::spawn(async move {
+                    let mut client = BufReader::new(client);
+                    let mut line = String::new();
+                    if client.read_line(&mut line).await.is_err() || !line.starts_with("CONNECT ") {
+                        return;
+                    }
+                    // The rest of the request head.
+                    loop {
+                        let mut header = String::new();
+                        match client.read_line(&mut header).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) if header == "\r\n" => break,
+                            Ok(_) => {}
+                        }
+                    }
+                    let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let mut client = client.into_inner();
+                    if client
+                        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                });
+            }
+        });
+        ConnectProxy {
+            addr,
+            tunnels,
+            task,
+        }
+    }
+
+    fn tunnels(&self) -> u64 {
+        self.tunnels.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for ConnectProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn https_api_calls_go_through_https_proxy_unless_no_proxy_says_otherwise() {
+    install_crypto_provider();
+    let kit = TlsKit::new();
+    let env = TestEnv::new().await;
+    // The API under a name that resolves nowhere: only the proxy can reach it.
+    const HOST: &str = "aom.tunnelled.invalid";
+    let named = kit.issue_server("tunnelled", &[HOST]);
+    let sandbox = Sandbox::new(&SandboxArgs {
+        expected_token: Some(TOKEN.to_owned()),
+        ..SandboxArgs::default()
+    })
+    .bind_tls(
+        "127.0.0.1:0".parse().expect("addr"),
+        named.cert_pem.as_bytes(),
+        named.key_pem.as_bytes(),
+    )
+    .await
+    .expect("sandbox over TLS");
+    let proxy = ConnectProxy::start(sandbox.local_addr()).await;
+    let endpoint = format!("https://{HOST}:{}", sandbox.local_addr().port());
+    let env = &env;
+    let run = |prefix: &'static str, no_proxy: Option<&'static str>| {
+        let mut cmd = binary();
+        cmd.arg("run")
+            .envs(env.binary_env())
+            .env("AOM_ENDPOINT", &endpoint)
+            .env("AOM_CA_FILE", kit.ca.cert_path.display().to_string())
+            .env("HTTPS_PROXY", format!("http://{}", proxy.addr))
+            .env("SHUTDOWN_GRACE", "1");
+        if let Some(hosts) = no_proxy {
+            cmd.env("NO_PROXY", hosts);
+        }
+        async move {
+            let child = cmd.spawn().expect("spawn");
+            let id = format!("{prefix}-1");
+            env.publish(&request(&id, &format!("ex-{prefix}-1")), None)
+                .await;
+            eventually(&format!("an outcome for {id}"), || async {
+                sqlx::query_scalar::<_, i64>(
+                    "SELECT count(*) FROM termination_outcomes WHERE request_id = $1",
+                )
+                .bind(&id)
+                .fetch_one(&env.db)
+                .await
+                .unwrap_or(0)
+                    == 1
+            })
+            .await;
+            let (code, out) = terminate(child).await;
+            assert_eq!(code, Some(0), "{out}");
+            env.outcome_of(&id).await.outcome
+        }
+    };
+    // Through the proxy: the TLS is end to end, the proxy only tunnels.
+    assert_eq!(run("via", None).await, "succeeded");
+    assert_eq!(proxy.tunnels(), 1);
+    assert_eq!(sandbox.sandbox().stats().calls, 1);
+    // NO_PROXY names the host: no tunnel; the name resolves nowhere, so the
+    // calls fail to connect and the attempts run out.
+    assert_eq!(run("direct", Some(HOST)).await, "failed_retries_exhausted");
+    assert_eq!(proxy.tunnels(), 1, "NO_PROXY kept the calls off the proxy");
+    assert_eq!(sandbox.sandbox().stats().calls, 1);
+}
+
 #[tokio::test]
 async fn postgres_over_its_own_tls() {
     let env = TestEnv::new().await;
