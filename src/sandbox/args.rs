@@ -359,6 +359,17 @@ fn all_digits(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        sandbox: SandboxArgs,
+    }
+
+    /// The sandbox's arguments, parsed from the command line alone.
+    fn parse(argv: &[&str]) -> Result<Cli, clap::Error> {
+        crate::cli::parse_args_only::<Cli, _, _>(argv.iter().copied())
+    }
     use std::collections::HashMap;
 
     const PROJECT: &str = "0123456789abcdef0123456789abcdef";
@@ -409,13 +420,6 @@ mod tests {
 
     #[test]
     fn args_parse_and_debug_hides_token() {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Cli {
-            #[command(flatten)]
-            sandbox: SandboxArgs,
-        }
-        let parse = |argv: &[&str]| crate::cli::parse_args_only::<Cli, _, _>(argv.iter().copied());
         let cli = parse(&[
             "x",
             "--listen",
@@ -437,13 +441,6 @@ mod tests {
 
     #[test]
     fn tls_files_are_both_or_neither() {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Cli {
-            #[command(flatten)]
-            sandbox: SandboxArgs,
-        }
-        let parse = |argv: &[&str]| crate::cli::parse_args_only::<Cli, _, _>(argv.iter().copied());
         assert_eq!(parse(&["x"]).unwrap().sandbox.tls_files(), None);
         let both = parse(&["x", "--tls-cert", "c.pem", "--tls-key", "k.pem"]).unwrap();
         assert_eq!(
@@ -462,13 +459,6 @@ mod tests {
 
     #[test]
     fn load_and_project_options_parse_and_refuse_bad_values() {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Cli {
-            #[command(flatten)]
-            sandbox: SandboxArgs,
-        }
-        let parse = |argv: &[&str]| crate::cli::parse_args_only::<Cli, _, _>(argv.iter().copied());
         let cli = parse(&[
             "x",
             "--rate-limit",

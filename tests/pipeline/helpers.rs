@@ -394,6 +394,22 @@ impl TestEnv {
     }
 
     /// Poll until `n` requests have a final outcome.
+    /// Poll until `request_id` has its final outcome (before the daemon
+    /// migrates, the table does not exist yet: that counts as none).
+    pub async fn wait_outcome_of(&self, request_id: &str) {
+        eventually(&format!("an outcome for {request_id}"), || async {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM termination_outcomes WHERE request_id = $1",
+            )
+            .bind(request_id)
+            .fetch_one(&self.db)
+            .await
+            .unwrap_or(0)
+                == 1
+        })
+        .await;
+    }
+
     pub async fn wait_outcomes(&self, n: i64) {
         eventually(&format!("{n} final outcomes"), || async {
             self.outcomes().await >= n

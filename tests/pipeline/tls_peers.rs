@@ -27,18 +27,7 @@ async fn one_request_succeeds(env: &TestEnv, prefix: &str, extra: &[&str]) {
     let id = format!("{prefix}-1");
     env.publish(&request(&id, &format!("ex-{prefix}-1")), None)
         .await;
-    eventually(&format!("an outcome for {id}"), || async {
-        // Before the daemon migrates, the table does not exist yet.
-        sqlx::query_scalar::<_, i64>(
-            "SELECT count(*) FROM termination_outcomes WHERE request_id = $1",
-        )
-        .bind(&id)
-        .fetch_one(&env.db)
-        .await
-        .unwrap_or(0)
-            == 1
-    })
-    .await;
+    env.wait_outcome_of(&id).await;
     assert_eq!(env.outcome_of(&id).await.outcome, "succeeded");
     daemon.stop().await;
 }
@@ -333,17 +322,7 @@ async fn https_api_calls_go_through_https_proxy_unless_no_proxy_says_otherwise()
             let id = format!("{prefix}-1");
             env.publish(&request(&id, &format!("ex-{prefix}-1")), None)
                 .await;
-            eventually(&format!("an outcome for {id}"), || async {
-                sqlx::query_scalar::<_, i64>(
-                    "SELECT count(*) FROM termination_outcomes WHERE request_id = $1",
-                )
-                .bind(&id)
-                .fetch_one(&env.db)
-                .await
-                .unwrap_or(0)
-                    == 1
-            })
-            .await;
+            env.wait_outcome_of(&id).await;
             let (code, out) = terminate(child).await;
             assert_eq!(code, Some(0), "{out}");
             env.outcome_of(&id).await.outcome
