@@ -408,6 +408,8 @@ fn make_requests(stamp: &str, n: u32) -> Result<Vec<TerminationRequest>, ConfigE
                 reason: Some("aom-terminator demo".to_owned()),
                 requested_by: Some(REQUESTED_BY.to_owned()),
                 replay_of: None,
+                region: None,
+                campaign_id: None,
             })
         })
         .collect()

@@ -119,6 +119,8 @@ fn exported() -> BTreeSet<String> {
         body_excerpt: None,
         verdict: Verdict::Succeeded,
         auth_generation: 0,
+        region: None,
+        endpoint_host: None,
     });
     metrics
         .encode()

@@ -30,6 +30,8 @@ fn wire<'a>((request_id, execution_id): &'a (String, String)) -> WireRequest<'a>
         reason: None,
         requested_by: None,
         replay_of: None,
+        region: None,
+        campaign_id: None,
     }
 }
 

@@ -59,6 +59,8 @@ pub fn classify_answer(
         body_excerpt,
         verdict,
         auth_generation: 0,
+        region: None,
+        endpoint_host: None,
     }
 }
 
@@ -110,6 +112,8 @@ pub fn classify_transport_error(
         body_excerpt: None,
         verdict: Verdict::Retryable { retry_after: None },
         auth_generation: 0,
+        region: None,
+        endpoint_host: None,
     }
 }
 

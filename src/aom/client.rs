@@ -171,6 +171,7 @@ impl TerminateClient {
             },
         };
         attempt.auth_generation = credential.generation;
+        attempt.endpoint_host = self.base.host_str().map(str::to_owned);
         Ok(attempt)
     }
 }
@@ -211,6 +212,8 @@ mod tests {
             reason: None,
             requested_by: None,
             replay_of: None,
+            region: None,
+            campaign_id: None,
         };
         assert_eq!(
             client.url_for(&req).as_str(),

@@ -25,6 +25,8 @@ pub struct FinalRecord {
     pub message_id: Option<String>,
     /// The request this one replays from the dead-letter queue.
     pub replay_of: Option<String>,
+    /// The campaign the request belongs to.
+    pub campaign_id: Option<String>,
 }
 
 /// One thing to commit.
@@ -35,6 +37,7 @@ pub enum Record {
     /// the calls were made, so the audit shows them.
     Unfinished {
         request_id: String,
+        campaign_id: Option<String>,
         attempts_before: u32,
         attempts: Vec<Attempt>,
     },

@@ -27,14 +27,20 @@ impl Audit {
         for record in records {
             match record {
                 Record::Final(f) => {
-                    attempts.push(&f.request_id, f.attempts_before, &f.attempts);
+                    attempts.push(
+                        &f.request_id,
+                        f.campaign_id.as_deref(),
+                        f.attempts_before,
+                        &f.attempts,
+                    );
                     finals.push(f.as_ref());
                 }
                 Record::Unfinished {
                     request_id,
+                    campaign_id,
                     attempts_before,
                     attempts: list,
-                } => attempts.push(request_id, *attempts_before, list),
+                } => attempts.push(request_id, campaign_id.as_deref(), *attempts_before, list),
                 Record::Skipped { request_id } => skipped.push(request_id.as_str()),
             }
         }
@@ -102,10 +108,19 @@ struct AttemptColumns<'a> {
     body_excerpt: Vec<Option<&'a str>>,
     started_at: Vec<DateTime<Utc>>,
     latency_ms: Vec<f64>,
+    campaign_id: Vec<Option<&'a str>>,
+    region: Vec<Option<&'a str>>,
+    endpoint_host: Vec<Option<&'a str>>,
 }
 
 impl<'a> AttemptColumns<'a> {
-    fn push(&mut self, request_id: &'a str, before: u32, attempts: &'a [Attempt]) {
+    fn push(
+        &mut self,
+        request_id: &'a str,
+        campaign_id: Option<&'a str>,
+        before: u32,
+        attempts: &'a [Attempt],
+    ) {
         for (i, a) in attempts.iter().enumerate() {
             let n = u64::from(before) + i as u64 + 1;
             self.request_id.push(request_id);
@@ -117,6 +132,9 @@ impl<'a> AttemptColumns<'a> {
             self.body_excerpt.push(a.body_excerpt.as_deref());
             self.started_at.push(a.started_at);
             self.latency_ms.push(a.latency.as_secs_f64() * 1000.0);
+            self.campaign_id.push(campaign_id);
+            self.region.push(a.region.as_deref());
+            self.endpoint_host.push(a.endpoint_host.as_deref());
         }
     }
 
@@ -124,15 +142,16 @@ impl<'a> AttemptColumns<'a> {
         let query = sqlx::query(
             "INSERT INTO termination_attempts \
              (request_id, attempt, http_status, error_kind, error_code, error_msg, body_excerpt, \
-              started_at, latency_ms) \
+              started_at, latency_ms, campaign_id, region, endpoint_host) \
              SELECT * FROM UNNEST($1::text[], $2::int[], $3::int[], $4::text[], $5::text[], \
-              $6::text[], $7::text[], $8::timestamptz[], $9::float8[])",
+              $6::text[], $7::text[], $8::timestamptz[], $9::float8[], $10::text[], $11::text[], \
+              $12::text[])",
         );
         self.bind_to(query).execute(tx).await?;
         Ok(())
     }
 
-    /// Bind the nine columns, in table order, after whatever `query` has.
+    /// Bind the twelve columns, in table order, after whatever `query` has.
     fn bind_to<'q>(
         self,
         query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
@@ -150,6 +169,9 @@ impl<'a> AttemptColumns<'a> {
             .bind(self.body_excerpt)
             .bind(self.started_at)
             .bind(self.latency_ms)
+            .bind(self.campaign_id)
+            .bind(self.region)
+            .bind(self.endpoint_host)
     }
 }
 
@@ -170,6 +192,7 @@ struct OutcomeColumns<'a> {
     redelivered: Vec<bool>,
     message_id: Vec<Option<&'a str>>,
     replay_of: Vec<Option<&'a str>>,
+    campaign_id: Vec<Option<&'a str>>,
 }
 
 impl<'a> From<&[&'a FinalRecord]> for OutcomeColumns<'a> {
@@ -192,6 +215,7 @@ impl<'a> From<&[&'a FinalRecord]> for OutcomeColumns<'a> {
             redelivered: Vec::with_capacity(n),
             message_id: Vec::with_capacity(n),
             replay_of: Vec::with_capacity(n),
+            campaign_id: Vec::with_capacity(n),
         };
         for r in records {
             c.request_id.push(&r.request_id);
@@ -211,6 +235,7 @@ impl<'a> From<&[&'a FinalRecord]> for OutcomeColumns<'a> {
             c.redelivered.push(r.redelivered);
             c.message_id.push(r.message_id.as_deref());
             c.replay_of.push(r.replay_of.as_deref());
+            c.campaign_id.push(r.campaign_id.as_deref());
         }
         c
     }
@@ -218,21 +243,22 @@ impl<'a> From<&[&'a FinalRecord]> for OutcomeColumns<'a> {
 
 /// The outcome upsert, after `WITH `: insert, or replace a `rejected` row;
 /// a row that already holds another final outcome is kept, and the
-/// newcomer goes to the history. Binds $1..$16.
+/// newcomer goes to the history. Binds $1..$17.
 macro_rules! upsert_outcomes {
     () => {
         "input AS ( \
            SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
              $6::int[], $7::text[], $8::text[], $9::int[], $10::text[], $11::text[], \
-             $12::timestamptz[], $13::timestamptz[], $14::bool[], $15::text[], $16::text[]) \
+             $12::timestamptz[], $13::timestamptz[], $14::bool[], $15::text[], $16::text[], \
+             $17::text[]) \
            AS t(request_id, project_id, workflow_id, execution_id, outcome, http_status, \
              error_code, error_msg, attempts, reason, requested_by, received_at, \
-             finished_at, redelivered, message_id, replay_of) \
+             finished_at, redelivered, message_id, replay_of, campaign_id) \
          ), applied AS ( \
            INSERT INTO termination_outcomes AS o \
              (request_id, project_id, workflow_id, execution_id, outcome, http_status, \
               error_code, error_msg, attempts, reason, requested_by, received_at, \
-              finished_at, redelivered, message_id, replay_of) \
+              finished_at, redelivered, message_id, replay_of, campaign_id) \
            SELECT * FROM input \
            ON CONFLICT (request_id) DO UPDATE SET \
              project_id = EXCLUDED.project_id, workflow_id = EXCLUDED.workflow_id, \
@@ -242,14 +268,15 @@ macro_rules! upsert_outcomes {
              reason = EXCLUDED.reason, requested_by = EXCLUDED.requested_by, \
              received_at = EXCLUDED.received_at, finished_at = EXCLUDED.finished_at, \
              redelivered = EXCLUDED.redelivered, message_id = EXCLUDED.message_id, \
-             replay_of = EXCLUDED.replay_of, recorded_at = clock_timestamp() \
+             replay_of = EXCLUDED.replay_of, campaign_id = EXCLUDED.campaign_id, \
+             recorded_at = clock_timestamp() \
            WHERE o.outcome = 'rejected' \
            RETURNING o.request_id \
          ) \
          INSERT INTO termination_outcome_history \
            (why, request_id, project_id, workflow_id, execution_id, outcome, http_status, \
             error_code, error_msg, attempts, reason, requested_by, received_at, \
-            finished_at, redelivered, message_id, replay_of) \
+            finished_at, redelivered, message_id, replay_of, campaign_id) \
          SELECT CASE WHEN i.outcome = 'rejected' THEN 'rejected_after_final' \
                      ELSE 'duplicate' END, i.* \
          FROM input i WHERE i.request_id NOT IN (SELECT request_id FROM applied)"
@@ -268,9 +295,10 @@ impl OutcomeColumns<'_> {
             Some(_) => concat!(
                 "WITH att AS (INSERT INTO termination_attempts \
                    (request_id, attempt, http_status, error_kind, error_code, error_msg, \
-                    body_excerpt, started_at, latency_ms) \
-                   SELECT * FROM UNNEST($17::text[], $18::int[], $19::int[], $20::text[], \
-                     $21::text[], $22::text[], $23::text[], $24::timestamptz[], $25::float8[])), ",
+                    body_excerpt, started_at, latency_ms, campaign_id, region, endpoint_host) \
+                   SELECT * FROM UNNEST($18::text[], $19::int[], $20::int[], $21::text[], \
+                     $22::text[], $23::text[], $24::text[], $25::timestamptz[], $26::float8[], \
+                     $27::text[], $28::text[], $29::text[])), ",
                 upsert_outcomes!()
             ),
             None => concat!("WITH ", upsert_outcomes!()),
@@ -291,7 +319,8 @@ impl OutcomeColumns<'_> {
             .bind(self.finished_at)
             .bind(self.redelivered)
             .bind(self.message_id)
-            .bind(self.replay_of);
+            .bind(self.replay_of)
+            .bind(self.campaign_id);
         let query = match attempts {
             Some(a) => a.bind_to(query),
             None => query,
@@ -395,6 +424,7 @@ mod tests {
             redelivered: false,
             message_id: None,
             replay_of: None,
+            campaign_id: None,
         }
     }
 

@@ -174,6 +174,7 @@ impl<S: Store, L: Letters, A: Api> Pipeline<S, L, A> {
                 redelivered: cx.message.redelivered,
                 message_id: cx.message.message_id.clone(),
                 replay_of: r.replay_of,
+                campaign_id: r.campaign_id,
             })))
         });
         let committed = futures_util::future::join_all(commits).await;
@@ -292,6 +293,7 @@ impl<S: Store, L: Letters, A: Api> Pipeline<S, L, A> {
                 self.store
                     .commit(Record::Unfinished {
                         request_id: req.request_id.clone(),
+                        campaign_id: req.campaign_id.clone(),
                         attempts_before,
                         attempts,
                     })
@@ -351,6 +353,7 @@ fn final_record(
         redelivered: cx.message.redelivered,
         message_id: cx.message.message_id.clone(),
         replay_of: req.replay_of.clone(),
+        campaign_id: req.campaign_id.clone(),
         attempts,
     }
 }

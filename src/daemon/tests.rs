@@ -162,6 +162,8 @@ fn answer(status: u16) -> Attempt {
         body_excerpt: None,
         verdict,
         auth_generation: 0,
+        region: None,
+        endpoint_host: None,
     }
 }
 

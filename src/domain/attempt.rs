@@ -58,4 +58,8 @@ pub struct Attempt {
     pub verdict: Verdict,
     /// Which credential the call carried (see `aom::auth::Auth::rejected`).
     pub auth_generation: u64,
+    /// The region the call was routed to (`None` without `{region}`).
+    pub region: Option<String>,
+    /// The host of the endpoint called.
+    pub endpoint_host: Option<String>,
 }

@@ -218,6 +218,8 @@ mod tests {
             body_excerpt: None,
             verdict: Verdict::Retryable { retry_after: None },
             auth_generation: 0,
+            region: None,
+            endpoint_host: None,
         };
         let src = Source {
             body,

@@ -12,7 +12,7 @@ pub use attempt::{Attempt, ErrorKind, Verdict};
 pub use dead_letter::{DeadLetter, Header, Letter, Source};
 pub use message::Message;
 pub use request::{
-    ExecutionId, Item, MAX_BATCH, MAX_BODY_BYTES, Outcome, ParsedMessage, ProjectId, Rejection,
-    TerminationRequest, WorkflowId, truncate,
+    ExecutionId, Item, MAX_BATCH, MAX_BODY_BYTES, Outcome, ParsedMessage, ProjectId, Region,
+    Rejection, TerminationRequest, WorkflowId, truncate,
 };
 pub use wire::{WireRequest, batch_body};

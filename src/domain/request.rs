@@ -69,6 +69,38 @@ id_type!(ProjectId, "project_id", 32, 32);
 id_type!(WorkflowId, "workflow_id", 1, 64);
 id_type!(ExecutionId, "execution_id", 1, 64);
 
+/// A Huawei Cloud region id (`cn-north-4`): it goes into a host name, so
+/// only lowercase letters, digits and `-`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Region(String);
+
+impl Region {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let n = s.chars().count();
+        if !(1..=64).contains(&n) {
+            return Err(format!("region must be 1..64 characters, got {n}"));
+        }
+        let ok = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
+        if !s.chars().all(ok) || s.starts_with('-') || s.ends_with('-') {
+            return Err(format!(
+                "region must be lowercase letters, digits and inner '-' (like cn-north-4), got {:?}",
+                truncate(s, 64)
+            ));
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Region {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// One valid termination request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TerminationRequest {
@@ -80,6 +112,10 @@ pub struct TerminationRequest {
     pub requested_by: Option<String>,
     /// Set on a replay from the dead-letter queue: the original request_id.
     pub replay_of: Option<String>,
+    /// The region to call; found from the project when not given.
+    pub region: Option<Region>,
+    /// The campaign (one mass cancellation) the request belongs to.
+    pub campaign_id: Option<String>,
 }
 
 /// The final outcome of a request, as stored in `termination_outcomes.outcome`.
@@ -127,6 +163,7 @@ pub struct Rejection {
     pub reason: Option<String>,
     pub requested_by: Option<String>,
     pub replay_of: Option<String>,
+    pub campaign_id: Option<String>,
     pub error: String,
 }
 
@@ -141,6 +178,7 @@ impl Rejection {
             reason: None,
             requested_by: None,
             replay_of: None,
+            campaign_id: None,
             error,
         }
     }
@@ -281,6 +319,9 @@ fn parse_element(value: Value, index: usize, seed: &IdSeed<'_>) -> Item {
     let reason = optional_text(&obj, "reason", &mut errors);
     let requested_by = optional_text(&obj, "requested_by", &mut errors);
     let replay_of = optional_text(&obj, "replay_of", &mut errors);
+    let campaign_id = optional_text(&obj, "campaign_id", &mut errors);
+    let region = optional_text(&obj, "region", &mut errors)
+        .and_then(|r| Region::parse(&r).map_err(|e| errors.push(e)).ok());
     let project = required_id(&obj, "project_id", ProjectId::parse, &mut errors);
     let workflow = required_id(&obj, "workflow_id", WorkflowId::parse, &mut errors);
     let execution = required_id(&obj, "execution_id", ExecutionId::parse, &mut errors);
@@ -294,6 +335,8 @@ fn parse_element(value: Value, index: usize, seed: &IdSeed<'_>) -> Item {
                 reason,
                 requested_by,
                 replay_of,
+                region,
+                campaign_id,
             })
         }
         (project, workflow, execution) => Item::Invalid(Rejection {
@@ -304,6 +347,7 @@ fn parse_element(value: Value, index: usize, seed: &IdSeed<'_>) -> Item {
             reason,
             requested_by,
             replay_of,
+            campaign_id,
             error: errors.join("; "),
         }),
     }
@@ -405,6 +449,28 @@ mod tests {
         match single(body) {
             Item::Invalid(r) => r,
             Item::Valid(r) => panic!("expected a rejection, got {r:?}"),
+        }
+    }
+
+    #[test]
+    fn region_and_campaign_are_read_and_a_bad_region_is_rejected() {
+        let body = format!(
+            r#"{{"project_id":"{P}","workflow_id":"w","execution_id":"e",
+                "region":"cn-north-4","campaign_id":"c-1"}}"#
+        );
+        let Item::Valid(r) = single(&body) else {
+            panic!("expected valid")
+        };
+        assert_eq!(r.region.as_ref().map(Region::as_str), Some("cn-north-4"));
+        assert_eq!(r.campaign_id.as_deref(), Some("c-1"));
+        for bad in ["CN-NORTH", "a.evil.com", "", "-x", "x/y"] {
+            let body = format!(
+                r#"{{"project_id":"{P}","workflow_id":"w","execution_id":"e",
+                    "region":"{bad}","campaign_id":"c-2"}}"#
+            );
+            let r = rejection(&body);
+            assert!(r.error.contains("region"), "{bad}: {}", r.error);
+            assert_eq!(r.campaign_id.as_deref(), Some("c-2"));
         }
     }
 

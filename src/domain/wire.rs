@@ -19,6 +19,10 @@ pub struct WireRequest<'a> {
     pub requested_by: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replay_of: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub campaign_id: Option<&'a str>,
 }
 
 impl<'a> From<&'a TerminationRequest> for WireRequest<'a> {
@@ -31,6 +35,8 @@ impl<'a> From<&'a TerminationRequest> for WireRequest<'a> {
             reason: r.reason.as_deref(),
             requested_by: r.requested_by.as_deref(),
             replay_of: r.replay_of.as_deref(),
+            region: r.region.as_ref().map(super::Region::as_str),
+            campaign_id: r.campaign_id.as_deref(),
         }
     }
 }
