@@ -348,6 +348,7 @@ async fn drive(
             since: Some(started_at),
             workflow: None,
             requested_by: Some(REQUESTED_BY.to_owned()),
+            campaign: None,
         })
         .await?;
     // The demo's daemon has stopped: nothing is delivered and unacked, and

@@ -17,6 +17,8 @@ pub struct Filter {
     pub since: Option<DateTime<Utc>>,
     pub workflow: Option<String>,
     pub requested_by: Option<String>,
+    /// Only this campaign's requests.
+    pub campaign: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -69,10 +71,12 @@ pub struct Failed {
     pub requested_by: Option<String>,
 }
 
-/// The filter every query shares: `$1` since, `$2` workflow, `$3` requested_by.
+/// The filter every query shares: `$1` since, `$2` workflow, `$3`
+/// requested_by, `$4` campaign.
 const FILTER: &str = "($1::timestamptz IS NULL OR o.finished_at >= $1) \
      AND ($2::text IS NULL OR o.workflow_id = $2) \
-     AND ($3::text IS NULL OR o.requested_by = $3)";
+     AND ($3::text IS NULL OR o.requested_by = $3) \
+     AND ($4::text IS NULL OR o.campaign_id = $4)";
 
 /// A connection pool for one report.
 pub struct Reports {
@@ -132,6 +136,7 @@ impl Reports {
         .bind(f.since)
         .bind(&f.workflow)
         .bind(&f.requested_by)
+        .bind(&f.campaign)
         .fetch_one(&self.pool)
         .await?;
         Ok(Summary {
@@ -178,6 +183,7 @@ impl Reports {
             .bind(f.since)
             .bind(&f.workflow)
             .bind(&f.requested_by)
+            .bind(&f.campaign)
             .fetch_all(&self.pool)
             .await?)
     }

@@ -89,6 +89,7 @@ impl ReportArgs {
                 .map(|d| Utc::now() - d),
             workflow: self.workflow.clone(),
             requested_by: self.requested_by.clone(),
+            campaign: None,
         }
     }
 }
