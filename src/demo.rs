@@ -363,6 +363,7 @@ async fn drive(
             ready,
             unacked: Some(0),
             total: ready,
+            parked: None,
         },
     };
     // Written whole, and a closed pipe (`demo | head`) is not a panic.

@@ -18,6 +18,11 @@ struct OutcomeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProjectLabel {
+    project_id: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StatusLabel {
     /// The HTTP status, or the kind of network error.
     status: String,
@@ -36,8 +41,10 @@ pub struct Metrics {
     queue_depth: Gauge<f64, AtomicU64>,
     reconnects: Counter,
     skipped_redeliveries: Counter,
+    parked: Counter,
     ready: Gauge,
     paused: Gauge,
+    projects_held: Family<ProjectLabel, Gauge>,
     concurrency: Gauge,
     registry: Registry,
 }
@@ -63,8 +70,10 @@ impl Metrics {
             queue_depth: Gauge::default(),
             reconnects: Counter::default(),
             skipped_redeliveries: Counter::default(),
+            parked: Counter::default(),
             ready: Gauge::default(),
             paused: Gauge::default(),
+            projects_held: Family::default(),
             concurrency: Gauge::default(),
             registry: Registry::default(),
         };
@@ -108,6 +117,11 @@ impl Metrics {
             m.skipped_redeliveries.clone(),
         );
         registry.register(
+            "requests_parked",
+            "Requests of held projects put in the parking queue (a request parked twice counts twice)",
+            m.parked.clone(),
+        );
+        registry.register(
             "ready",
             "1 while /readyz would answer 200 (broker connected, audit answering, not paused), else 0",
             m.ready.clone(),
@@ -116,6 +130,12 @@ impl Metrics {
             "paused",
             "1 while consumption is paused because the AOM API refuses the credentials (401), else 0",
             m.paused.clone(),
+        );
+        registry.register(
+            "projects_held",
+            "1 for each project whose calls the AOM API refuses (401) while others' go through: \
+             its requests are parked, not failed",
+            m.projects_held.clone(),
         );
         registry.register(
             "concurrency",
@@ -197,6 +217,10 @@ impl Metrics {
         self.skipped_redeliveries.inc();
     }
 
+    pub fn parked(&self) {
+        self.parked.inc();
+    }
+
     /// Whether the daemon is ready (what `/readyz` answers).
     pub fn set_ready(&self, ready: bool) {
         self.ready.set(i64::from(ready));
@@ -205,6 +229,18 @@ impl Metrics {
     /// Whether consumption is paused on bad credentials (a 401).
     pub fn set_paused(&self, paused: bool) {
         self.paused.set(i64::from(paused));
+    }
+
+    /// Whether `project`'s requests are held (a 401 for it alone).
+    pub fn set_project_held(&self, project: &str, held: bool) {
+        let label = ProjectLabel {
+            project_id: project.to_owned(),
+        };
+        if held {
+            self.projects_held.get_or_create(&label).set(1);
+        } else {
+            self.projects_held.remove(&label);
+        }
     }
 
     /// The configured `CONCURRENCY`, exported next to `in_flight`.

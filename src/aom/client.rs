@@ -44,6 +44,12 @@ pub enum CallError {
     Auth(#[from] AuthError),
     #[error("TLS with the AOM API at {host} failed: {why}")]
     Tls { host: String, why: String },
+    /// The credentials cannot cover this project (no call made).
+    #[error("the credentials do not cover project {project}: {why}")]
+    NotCovered { project: String, why: String },
+    /// The request's region cannot be found (no call made).
+    #[error("{0}")]
+    Unroutable(String),
 }
 
 #[derive(Clone)]

@@ -129,7 +129,7 @@ impl Admin {
     }
 }
 
-fn header_text(v: &AMQPValue) -> String {
+pub(super) fn header_text(v: &AMQPValue) -> String {
     match v {
         AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
         AMQPValue::ShortString(s) => s.to_string(),

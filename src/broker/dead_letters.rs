@@ -1,6 +1,6 @@
-//! Dead letters, published with confirms on whatever publish channel is
-//! current: the daemon attaches each new session's channel after a
-//! reconnect, and a publish in progress waits for it.
+//! Dead letters (and parked requests), published with confirms on whatever
+//! publish channel is current: the daemon attaches each new session's
+//! channel after a reconnect, and a publish in progress waits for it.
 
 use super::session::Session;
 use super::topology::{declare_topology, text};
@@ -19,15 +19,25 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(Clone)]
 pub struct DeadLetters {
-    channel: Arc<watch::Sender<Option<Channel>>>,
-    settings: AmqpSettings,
+    pub(super) channel: Arc<watch::Sender<Option<Channel>>>,
+    pub(super) settings: AmqpSettings,
+    /// Where the letters go: the dead-letter queue, or the parking queue.
+    queue: String,
 }
 
 impl DeadLetters {
+    /// A publisher to the dead-letter queue.
     pub fn new(settings: AmqpSettings) -> Self {
+        let queue = settings.dead_letter_queue.clone();
+        Self::to(settings, queue)
+    }
+
+    /// A publisher to `queue`, one of the daemon's queues.
+    pub(super) fn to(settings: AmqpSettings, queue: String) -> Self {
         Self {
             channel: Arc::new(watch::Sender::new(None)),
             settings,
+            queue,
         }
     }
 
@@ -68,8 +78,8 @@ impl DeadLetters {
             .notify(|e: &BrokerError, _| {
                 tracing::warn!(
                     error.cause_chain = %cause_chain(e),
-                    queue = %self.settings.dead_letter_queue,
-                    "dead-letter publish failed; retrying"
+                    queue = %self.queue,
+                    "publish failed; retrying"
                 );
             });
         tokio::select! {
@@ -99,7 +109,7 @@ impl DeadLetters {
         let confirm = channel
             .basic_publish(
                 "".into(),
-                self.settings.dead_letter_queue.as_str().into(),
+                self.queue.as_str().into(),
                 // Mandatory: an unroutable dead letter (queue deleted) comes
                 // back instead of vanishing.
                 BasicPublishOptions {
@@ -114,7 +124,7 @@ impl DeadLetters {
             .await
             .map_err(call("await the publisher confirm"))?;
         if matches!(confirm, Confirmation::Ack(Some(_))) {
-            // The dead-letter queue was missing: declare it again so the
+            // The queue was missing: declare the queues again so the
             // next try can land.
             declare_topology(channel, &self.settings).await?;
         }

@@ -12,29 +12,38 @@ use std::time::Duration;
 pub struct QueueCounts {
     pub ready: Option<u64>,
     pub unacked: Option<u64>,
+    /// Requests waiting in the parking queue (their project is held).
+    pub parked: Option<u64>,
 }
 
 /// The counts of `settings.queue`: from the management API at
 /// `management_url` (checked by `settings::management_url`) when it
 /// answers, else the ready count over AMQP.
 pub async fn queue_counts(settings: &AmqpSettings, management_url: &url::Url) -> QueueCounts {
-    if let Some((ready, unacked)) = from_management(settings, management_url).await {
-        return QueueCounts {
+    let managed = from_management(settings, management_url).await;
+    let (ready, parked) = match Admin::open(settings).await {
+        Ok(admin) => {
+            let ready = match managed {
+                Some(_) => None,
+                None => admin.depth(&settings.queue).await,
+            };
+            let parked = admin.depth(&settings.parking_queue).await;
+            admin.close().await;
+            (ready, parked)
+        }
+        Err(_) => (None, None),
+    };
+    match managed {
+        Some((ready, unacked)) => QueueCounts {
             ready: Some(ready),
             unacked: Some(unacked),
-        };
-    }
-    let ready = match Admin::open(settings).await {
-        Ok(admin) => {
-            let depth = admin.depth(&settings.queue).await;
-            admin.close().await;
-            depth
-        }
-        Err(_) => None,
-    };
-    QueueCounts {
-        ready: ready.map(u64::from),
-        unacked: None,
+            parked: parked.map(u64::from),
+        },
+        None => QueueCounts {
+            ready: ready.map(u64::from),
+            unacked: None,
+            parked: parked.map(u64::from),
+        },
     }
 }
 

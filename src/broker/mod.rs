@@ -7,12 +7,14 @@ mod acks;
 mod admin;
 mod dead_letters;
 pub mod management;
+mod parking;
 mod session;
 mod topology;
 
 pub use acks::AckHandle;
 pub use admin::{Admin, Taken};
 pub use dead_letters::DeadLetters;
+pub use parking::{Moved, Parking};
 pub use session::{Incoming, Session};
 pub use topology::{dead_letter_queue_arguments, declare_topology, request_queue_arguments};
 

@@ -4,7 +4,7 @@
 use super::acks::{AckHandle, Acks};
 use super::topology::{declare_topology, depth};
 use super::{BrokerError, call, connect};
-use crate::domain::Message;
+use crate::domain::{Message, PARKED_AT};
 use crate::settings::AmqpSettings;
 use crate::telemetry::cause_chain;
 use futures_util::Stream;
@@ -138,7 +138,14 @@ impl Session {
             d.map(|d| Incoming {
                 message: Message {
                     message_id: d.properties.message_id().as_ref().map(|m| m.to_string()),
-                    redelivered: d.redelivered,
+                    // A request moved back from the parking queue may have
+                    // had calls made for it (its 401s): as for a redelivery,
+                    // the audit is asked for its attempts before.
+                    redelivered: d.redelivered
+                        || d.properties
+                            .headers()
+                            .as_ref()
+                            .is_some_and(|h| h.inner().contains_key(PARKED_AT)),
                     body: d.data,
                 },
                 ack: AckHandle::new(d.delivery_tag, d.acker, acks.clone()),

@@ -49,7 +49,7 @@ const DURABLE: QueueDeclareOptions = QueueDeclareOptions {
     nowait: false,
 };
 
-/// Declare both queues. Both are routed through the default exchange by
+/// Declare the three queues. All are routed through the default exchange by
 /// name, so no exchange or binding is needed. Idempotent.
 pub async fn declare_topology(channel: &Channel, s: &AmqpSettings) -> Result<(), BrokerError> {
     channel
@@ -60,6 +60,17 @@ pub async fn declare_topology(channel: &Channel, s: &AmqpSettings) -> Result<(),
         )
         .await
         .map_err(call("declare the dead-letter queue"))?;
+    // Classic, like the dead-letter queue, for the same reason: parked
+    // requests are taken and put back (a pass of the mover republishes the
+    // ones still held), which a quorum queue's delivery limit would count.
+    channel
+        .queue_declare(
+            s.parking_queue.as_str().into(),
+            DURABLE,
+            dead_letter_queue_arguments(),
+        )
+        .await
+        .map_err(call("declare the parking queue"))?;
     channel
         .queue_declare(s.queue.as_str().into(), DURABLE, request_queue_arguments(s))
         .await

@@ -1,16 +1,18 @@
 //! One request through its attempts to an outcome, with at most
-//! `CONCURRENCY` API calls in flight across the whole daemon, and the 401
-//! pause that keeps bad credentials from failing anybody's request.
+//! `CONCURRENCY` API calls in flight across the whole daemon, and the
+//! per-project holds that keep credentials which do not cover a project
+//! from failing that project's requests (see `daemon::holds`).
 
+use super::holds::{Holds, Role};
 use crate::aom::{CallError, TerminateClient};
-use crate::domain::{Attempt, ErrorKind, Outcome, TerminationRequest, Verdict};
+use crate::domain::{Attempt, ErrorKind, Outcome, ProjectId, TerminationRequest, Verdict};
 use crate::metrics::Metrics;
-use crate::retry::{ProbeSchedule, RetryPolicy};
+use crate::retry::RetryPolicy;
 use std::future::Future;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -19,24 +21,38 @@ use tokio_util::sync::CancellationToken;
 pub struct Dispatched {
     /// Every attempt made, in order (401 answers included).
     pub attempts: Vec<Attempt>,
-    /// `None` when shutdown cut it short: the request stays unacked.
-    pub outcome: Option<Outcome>,
+    pub end: End,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    /// A final outcome.
+    Final(Outcome),
+    /// No call can be made for it (its region cannot be found): `rejected`
+    /// with this reason.
+    Rejected(String),
+    /// Its project is held and another request probes for it: park it.
+    Parked,
+    /// Shutdown or a take-back cut it short: the request stays unacked.
+    Unfinished,
 }
 
 /// The terminate API as the dispatcher sees it: one call, and a way to
 /// say that a credential was refused. [`TerminateClient`] in the daemon; a
 /// scripted fake in the unit tests.
 pub trait Api: Send + Sync + 'static {
-    /// One attempt; `Err` when no credential could be had or TLS failed (a
-    /// fault of the configuration: no verdict on the request).
+    /// One attempt; `Err` when no call was made: no credential could be had
+    /// or the credentials do not cover the project, the region cannot be
+    /// found, or TLS failed.
     fn terminate(
         &self,
         req: &TerminationRequest,
     ) -> impl Future<Output = Result<Attempt, CallError>> + Send;
 
-    /// The API answered 401 to a call made with `generation`: whether a new
-    /// credential may now be available (worth one immediate retry).
-    fn rejected(&self, generation: u64) -> bool;
+    /// The API answered 401 to a call for `project` made with `generation`:
+    /// whether a new credential may now be available (worth one immediate
+    /// retry).
+    fn rejected(&self, project: &ProjectId, generation: u64) -> bool;
 }
 
 impl Api for TerminateClient {
@@ -44,8 +60,8 @@ impl Api for TerminateClient {
         TerminateClient::terminate(self, req).await
     }
 
-    fn rejected(&self, generation: u64) -> bool {
-        self.auth().rejected(generation)
+    fn rejected(&self, project: &ProjectId, generation: u64) -> bool {
+        self.auth().rejected(project, generation)
     }
 }
 
@@ -63,7 +79,7 @@ pub struct Dispatcher<A> {
     /// quietly (woken together, they would spin).
     limiter_turn: tokio::sync::Mutex<()>,
     metrics: Arc<Metrics>,
-    pub gate: AuthGate,
+    pub holds: Arc<Holds>,
     /// Soft stop: requests that have not made their first call stay unsent.
     stop: CancellationToken,
     /// Hard stop: the shutdown grace is over; whatever is in flight is left.
@@ -77,6 +93,7 @@ impl<A: Api> Dispatcher<A> {
         concurrency: usize,
         rate_limit: Option<NonZeroU32>,
         metrics: Arc<Metrics>,
+        holds: Arc<Holds>,
         stop: CancellationToken,
         abort: CancellationToken,
     ) -> Self {
@@ -94,7 +111,7 @@ impl<A: Api> Dispatcher<A> {
             throttled_until: Mutex::new(None),
             limiter_turn: tokio::sync::Mutex::new(()),
             metrics,
-            gate: AuthGate::new(),
+            holds,
             stop,
             abort,
         }
@@ -105,60 +122,62 @@ impl<A: Api> Dispatcher<A> {
         &self.api
     }
 
-    /// Attempts until a final verdict, attempts run out, shutdown, or
-    /// `held` fires (the broker took the request's message back: a call
-    /// already made finishes, but no further call starts; the attempts made
-    /// are returned unfinished, and the message's redelivery carries on).
+    /// Attempts until a final verdict, attempts run out, shutdown, the
+    /// project is held (park it), or `held` fires (the broker took the
+    /// request's message back: a call already made finishes, but no further
+    /// call starts; the attempts made are returned unfinished, and the
+    /// message's redelivery carries on).
     pub async fn dispatch(&self, req: &TerminationRequest, held: &CancellationToken) -> Dispatched {
         let mut attempts = Vec::new();
         let mut counted = 0u32;
-        let unfinished = |attempts| Dispatched {
-            attempts,
-            outcome: None,
-        };
+        let end = |attempts, end| Dispatched { attempts, end };
         if self.stop.is_cancelled() || held.is_cancelled() {
-            return unfinished(attempts);
+            return end(attempts, End::Unfinished);
         }
+        let project = &req.project_id;
         let mut probed = None;
         let mut auth_retried = false;
         loop {
-            let attempt = match probed.take() {
-                Some(answer) => answer,
-                None => {
-                    let open = tokio::select! {
-                        open = self.gate.wait_open(&self.abort) => open,
-                        () = held.cancelled() => false,
-                    };
-                    if !open {
-                        return unfinished(attempts);
+            let refused = match probed.take() {
+                Some(answer) => Ok(answer),
+                None if self.holds.is_held(project) => Err(None),
+                None => match self.call(req, Some(held)).await {
+                    Call::Answered(answer) => Ok(answer),
+                    Call::Aborted => return end(attempts, End::Unfinished),
+                    Call::Refused(CallError::Unroutable(why)) => {
+                        return end(attempts, End::Rejected(why));
                     }
-                    match self.call(req, Some(held)).await {
-                        Call::Answered(answer) => answer,
-                        Call::Aborted => return unfinished(attempts),
-                        Call::NoCredential(e) => {
-                            let why = e.to_string();
-                            match self.probe_until_authorized(req, &mut attempts, &why).await {
-                                Probe::Aborted => return unfinished(attempts),
-                                Probe::Reopened => continue,
-                                Probe::Answered(answer) => answer,
-                            }
-                        }
+                    Call::Refused(e) => Err(Some(e.to_string())),
+                },
+            };
+            let attempt = match refused {
+                Ok(attempt) => attempt,
+                Err(why) => {
+                    let why = why.unwrap_or_else(|| "the project is held".to_owned());
+                    match self.hold_or_probe(req, &mut attempts, &why, held).await {
+                        Probe::Aborted => return end(attempts, End::Unfinished),
+                        Probe::Park => return end(attempts, End::Parked),
+                        Probe::Unroutable(why) => return end(attempts, End::Rejected(why)),
+                        Probe::Answered(answer) => answer,
                     }
                 }
             };
             let verdict = attempt.verdict;
             let generation = attempt.auth_generation;
+            if verdict != Verdict::Unauthorized {
+                self.holds.seen(project);
+            }
             attempts.push(attempt);
             match verdict {
-                Verdict::Succeeded => return finished(attempts, Outcome::Succeeded),
-                Verdict::Permanent => return finished(attempts, Outcome::FailedPermanent),
+                Verdict::Succeeded => return end(attempts, End::Final(Outcome::Succeeded)),
+                Verdict::Permanent => return end(attempts, End::Final(Outcome::FailedPermanent)),
                 Verdict::Retryable { retry_after } => {
                     counted += 1;
                     let throttled =
                         attempts.last().and_then(|a| a.error_kind) == Some(ErrorKind::Throttled);
                     let Some(delay) = self.policy.delay(counted, retry_after, fastrand::f64())
                     else {
-                        return finished(attempts, Outcome::FailedRetriesExhausted);
+                        return end(attempts, End::Final(Outcome::FailedRetriesExhausted));
                     };
                     if throttled {
                         self.throttle(delay);
@@ -173,24 +192,26 @@ impl<A: Api> Dispatcher<A> {
                     );
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
-                        () = self.abort.cancelled() => return unfinished(attempts),
-                        () = held.cancelled() => return unfinished(attempts),
+                        () = self.abort.cancelled() => return end(attempts, End::Unfinished),
+                        () = held.cancelled() => return end(attempts, End::Unfinished),
                     }
                 }
                 Verdict::Unauthorized => {
                     // Not counted: the credentials are wrong, not the request.
                     // A renewed IAM token or a rotated token file is worth
-                    // one immediate retry; otherwise pause and probe.
+                    // one immediate retry; otherwise hold the project.
                     if !auth_retried {
                         auth_retried = true;
-                        if self.api.rejected(generation) {
+                        if self.api.rejected(project, generation) {
                             continue;
                         }
                     }
-                    let why = "the AOM API answered 401: the credentials are wrong or expired";
-                    match self.probe_until_authorized(req, &mut attempts, why).await {
-                        Probe::Aborted => return unfinished(attempts),
-                        Probe::Reopened => {}
+                    let why = "the AOM API answered 401: the credentials are wrong or expired, \
+                               or do not cover this project";
+                    match self.hold_or_probe(req, &mut attempts, why, held).await {
+                        Probe::Aborted => return end(attempts, End::Unfinished),
+                        Probe::Park => return end(attempts, End::Parked),
+                        Probe::Unroutable(why) => return end(attempts, End::Rejected(why)),
                         Probe::Answered(answer) => probed = Some(answer),
                     }
                 }
@@ -258,7 +279,7 @@ impl<A: Api> Dispatcher<A> {
                     self.metrics.answered(&attempt);
                     Call::Answered(attempt)
                 }
-                Err(e) => Call::NoCredential(e),
+                Err(e) => Call::Refused(e),
             }
         };
         tokio::select! {
@@ -267,47 +288,69 @@ impl<A: Api> Dispatcher<A> {
         }
     }
 
-    /// Called after a 401. Takes its turn as the single prober: waits the
-    /// probe delay and retries this request, until an answer is not 401 (a
-    /// verdict on the request, returned to be classified) or somebody else's
-    /// probe has reopened the gate.
-    async fn probe_until_authorized(
+    /// The request's project is refused. Hold it; unless another request
+    /// already probes for it, probe with this one: wait the probe delay and
+    /// retry it, until an answer is not a refusal (a verdict on the
+    /// request, returned to be classified) or the project is released by
+    /// someone else (then go on as usual).
+    async fn hold_or_probe(
         &self,
         req: &TerminationRequest,
         attempts: &mut Vec<Attempt>,
         why: &str,
+        held: &CancellationToken,
     ) -> Probe {
-        self.gate.close(why);
-        self.metrics.set_paused(true);
+        let project = &req.project_id;
+        if self.holds.hold(project, why) == Role::Park {
+            return Probe::Park;
+        }
+        // The prober's message taken back: its redelivery parks or probes
+        // anew, so this one stops (a probe already started finishes).
+        let left = |probe| {
+            self.holds.prober_left(project);
+            probe
+        };
         loop {
-            let _turn = tokio::select! {
-                turn = self.gate.probe_turn.lock() => turn,
-                () = self.abort.cancelled() => return Probe::Aborted,
-            };
-            if self.gate.is_open() {
-                return Probe::Reopened;
-            }
-            let delay = self.gate.schedule().current();
+            let delay = self.holds.next_probe(project);
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
-                () = self.abort.cancelled() => return Probe::Aborted,
+                // Another project released: the credentials may have been
+                // renewed; try now rather than at the end of a long delay.
+                () = self.holds.some_release() => {}
+                () = self.abort.cancelled() => return left(Probe::Aborted),
+                () = held.cancelled() => return left(Probe::Aborted),
             }
-            // A probe is about the credentials, not the request's message:
-            // it goes on even if that message was taken back, or the gate
-            // would never reopen.
+            if !self.holds.is_held(project) {
+                // Released by another daemon's moves or a racing answer.
+                return match self.call(req, Some(held)).await {
+                    Call::Answered(answer) => Probe::Answered(answer),
+                    Call::Aborted => Probe::Aborted,
+                    Call::Refused(CallError::Unroutable(why)) => Probe::Unroutable(why),
+                    Call::Refused(e) => {
+                        if self.holds.hold(project, &e.to_string()) == Role::Park {
+                            return Probe::Park;
+                        }
+                        continue;
+                    }
+                };
+            }
             match self.call(req, None).await {
-                Call::Aborted => return Probe::Aborted,
-                Call::NoCredential(e) => self.gate.probe_failed(&e.to_string()),
+                Call::Aborted => return left(Probe::Aborted),
+                Call::Refused(CallError::Unroutable(why)) => {
+                    self.holds.release(project);
+                    return Probe::Unroutable(why);
+                }
+                Call::Refused(e) => self.holds.probe_failed(project, &e.to_string()),
                 Call::Answered(attempt) if attempt.verdict == Verdict::Unauthorized => {
                     // Let the source refresh (re-read the file, renew the
                     // IAM token) before the next probe.
-                    self.api.rejected(attempt.auth_generation);
-                    self.gate.probe_failed("the AOM API still answers 401");
+                    self.api.rejected(project, attempt.auth_generation);
+                    self.holds
+                        .probe_failed(project, "the AOM API still answers 401");
                     attempts.push(attempt);
                 }
                 Call::Answered(attempt) => {
-                    self.gate.open();
-                    self.metrics.set_paused(false);
+                    self.holds.release(project);
                     return Probe::Answered(attempt);
                 }
             }
@@ -317,88 +360,14 @@ impl<A: Api> Dispatcher<A> {
 
 enum Call {
     Answered(Attempt),
-    NoCredential(CallError),
+    /// No call was made (see [`Api::terminate`]).
+    Refused(CallError),
     Aborted,
 }
 
 enum Probe {
     Aborted,
-    Reopened,
+    Park,
+    Unroutable(String),
     Answered(Attempt),
-}
-
-fn finished(attempts: Vec<Attempt>, outcome: Outcome) -> Dispatched {
-    Dispatched {
-        attempts,
-        outcome: Some(outcome),
-    }
-}
-
-/// Open while the credentials work. Closed by a 401: no new messages are
-/// taken, no new calls start, and one request at a time probes the API,
-/// 1 s apart at first, growing to 30 s.
-#[derive(Debug)]
-pub struct AuthGate {
-    open: watch::Sender<bool>,
-    probe_turn: tokio::sync::Mutex<()>,
-    schedule: Mutex<ProbeSchedule>,
-}
-
-impl AuthGate {
-    fn new() -> Self {
-        Self {
-            open: watch::Sender::new(true),
-            probe_turn: tokio::sync::Mutex::new(()),
-            schedule: Mutex::new(ProbeSchedule::new()),
-        }
-    }
-
-    pub fn is_open(&self) -> bool {
-        *self.open.borrow()
-    }
-
-    /// Wait until the gate is open; `false` if `cancel` fires first.
-    pub async fn wait_open(&self, cancel: &CancellationToken) -> bool {
-        let mut rx = self.open.subscribe();
-        tokio::select! {
-            open = rx.wait_for(|open| *open) => open.is_ok(),
-            () = cancel.cancelled() => false,
-        }
-    }
-
-    fn close(&self, why: &str) {
-        let was_open = self.open.send_replace(false);
-        if was_open {
-            tracing::error!(
-                "{why}. Pausing: no new messages are taken, affected requests stay unacked, \
-                 and the API is probed until it accepts the credentials"
-            );
-        }
-    }
-
-    fn open(&self) {
-        self.lock_schedule().reset();
-        if !self.open.send_replace(true) {
-            tracing::info!("the AOM API accepts the credentials again; resuming");
-        }
-    }
-
-    fn probe_failed(&self, why: &str) {
-        let mut s = self.lock_schedule();
-        s.failed();
-        tracing::warn!(
-            next_probe_in_s = s.current().as_secs(),
-            "still paused: {why}"
-        );
-    }
-
-    fn schedule(&self) -> ProbeSchedule {
-        *self.lock_schedule()
-    }
-
-    fn lock_schedule(&self) -> std::sync::MutexGuard<'_, ProbeSchedule> {
-        // The schedule is two numbers; a panic elsewhere cannot leave it
-        // half-written, so a poisoned lock is still good to use.
-        self.schedule.lock().unwrap_or_else(|p| p.into_inner())
-    }
 }

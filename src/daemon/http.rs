@@ -16,6 +16,11 @@ use tokio_util::sync::CancellationToken;
 pub trait Readiness: Send + Sync + 'static {
     /// `Ok` when ready, else why not.
     fn ready(&self) -> Result<(), String>;
+    /// What else a person should know, ready or not (held projects), as
+    /// lines of `/readyz`'s body.
+    fn notes(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// The broker session as readiness sees it: up from the moment its
@@ -81,11 +86,16 @@ async fn metrics_handler(State(app): State<AppState>) -> impl IntoResponse {
 }
 
 async fn ready_handler(State(app): State<AppState>) -> impl IntoResponse {
-    match app.readiness.ready() {
+    let (status, mut body) = match app.readiness.ready() {
         Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
         Err(why) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {why}\n"),
         ),
+    };
+    for note in app.readiness.notes() {
+        body.push_str(&note);
+        body.push('\n');
     }
+    (status, body)
 }

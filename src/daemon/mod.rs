@@ -7,20 +7,25 @@
 //! whatever has not finished is left unacked for the broker to redeliver.
 
 mod dispatch;
+mod holds;
 mod http;
 mod in_flight;
+mod mover;
 mod pipeline;
 mod ports;
+#[cfg(test)]
+mod project_tests;
 mod supervise;
 #[cfg(test)]
 mod tests;
 
-pub use dispatch::{Api, Dispatcher};
+pub use dispatch::{Api, Dispatched, Dispatcher, End};
+pub use holds::Holds;
 pub use pipeline::{Handled, Letters, Pipeline, Store};
 
 use crate::aom::TerminateClient;
 use crate::audit::{Audit, AuditWriter, FinalLookups};
-use crate::broker::{self, AckHandle, DeadLetters};
+use crate::broker::{self, AckHandle, DeadLetters, Parking};
 use crate::domain::{Message, Outcome, ParsedMessage};
 use crate::metrics::Metrics;
 use crate::retry::RetryPolicy;
@@ -137,6 +142,15 @@ async fn serve(
     let (lookups, lookup_task) =
         FinalLookups::spawn(audit.clone(), abort.clone(), Arc::clone(&metrics));
     let dead_letters = DeadLetters::new(cfg.amqp.clone());
+    let parking = Parking::new(cfg.amqp.clone());
+    let (holds, released) = Holds::new(Arc::clone(&metrics));
+    let holds = Arc::new(holds);
+    let mover = tokio::spawn(mover::run(
+        parking.clone(),
+        Arc::clone(&holds),
+        released,
+        stop.clone(),
+    ));
     let pipeline: Arc<LivePipeline> = Arc::new(Pipeline {
         dispatcher: Dispatcher::new(
             client,
@@ -144,6 +158,7 @@ async fn serve(
             cfg.concurrency,
             cfg.rate_limit,
             Arc::clone(&metrics),
+            holds,
             stop.clone(),
             abort.clone(),
         ),
@@ -155,6 +170,7 @@ async fn serve(
         },
         letters: BrokerLetters {
             dead_letters: dead_letters.clone(),
+            parking: parking.clone(),
             abort: abort.clone(),
         },
         in_flight: InFlight::default(),
@@ -190,6 +206,7 @@ async fn serve(
             tasks: &tasks,
             broker_up: &broker_up,
             dead_letters: &dead_letters,
+            parking: &parking,
             metrics: &metrics,
         },
         &stop,
@@ -220,6 +237,7 @@ async fn serve(
         s.close().await;
     }
     summary.abort();
+    mover.abort();
     tracing::info!("aom-terminator stopped");
     Ok(())
 }
@@ -293,10 +311,22 @@ impl Readiness for DaemonReadiness {
         if !self.pipeline.store.audit.is_healthy() {
             return Err("the audit database is failing".to_owned());
         }
-        if !self.pipeline.dispatcher.gate.is_open() {
+        if !self.pipeline.dispatcher.holds.is_open() {
             return Err("paused: the AOM API refuses the credentials".to_owned());
         }
         Ok(())
+    }
+
+    fn notes(&self) -> Vec<String> {
+        let held = self.pipeline.dispatcher.holds.held();
+        if held.is_empty() {
+            return Vec::new();
+        }
+        vec![format!(
+            "projects held (the AOM API refuses the credentials for them; their requests are \
+             parked): {}",
+            held.join(", ")
+        )]
     }
 }
 

@@ -11,7 +11,7 @@
 //! small traits, [`Store`] and [`Letters`], so that its rules can be tested
 //! without a broker or a database (see `daemon::tests`).
 
-use super::dispatch::{Api, Dispatcher};
+use super::dispatch::{Api, Dispatcher, End};
 use super::in_flight::{Claim, InFlight, follow};
 use crate::audit::{FinalRecord, Record};
 use crate::domain::{
@@ -43,8 +43,16 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Option<HashMap<String, u32>>> + Send;
 }
 
-/// What the pipeline needs of the dead-letter queue.
+/// What the pipeline needs of the dead-letter and parking queues.
 pub trait Letters: Send + Sync + 'static {
+    /// Park a request of a held project until the broker confirms it;
+    /// `false` as for [`Letters::publish`].
+    fn park(
+        &self,
+        letter: &DeadLetter,
+        held: &CancellationToken,
+    ) -> impl Future<Output = bool> + Send;
+
     /// Publish until the broker confirms it; `false` if the shutdown grace
     /// runs out first, or at once when `held` fires (the message the letter
     /// comes from is back in the queue: its redelivery will do it again).
@@ -301,9 +309,48 @@ impl<S: Store, L: Letters, A: Api> Pipeline<S, L, A> {
             }
             false
         };
-        let Some(outcome) = dispatched.outcome else {
-            leader.finish(false);
-            return unfinished(dispatched.attempts).await;
+        let outcome = match dispatched.end {
+            End::Final(outcome) => outcome,
+            End::Unfinished => {
+                leader.finish(false);
+                return unfinished(dispatched.attempts).await;
+            }
+            End::Parked => {
+                // Its project is held: parked (confirmed) before its message
+                // is acked, moved back when the project is released. A copy
+                // in flight meanwhile is settled by the parked one.
+                let letter = DeadLetter::parked(
+                    &cx.message.source(),
+                    req,
+                    "the AOM API refuses the credentials for this project",
+                );
+                if !self.letters.park(&letter, cx.held).await {
+                    leader.finish(false);
+                    return unfinished(dispatched.attempts).await;
+                }
+                self.metrics.parked();
+                unfinished(dispatched.attempts).await;
+                leader.finish(true);
+                return true;
+            }
+            End::Rejected(why) => {
+                let mut record = final_record(
+                    cx,
+                    req,
+                    Outcome::Rejected,
+                    attempts_before,
+                    dispatched.attempts,
+                );
+                record.error_code = Some("unroutable".to_owned());
+                record.error_msg = Some(why);
+                log_outcome(&record);
+                let committed = self.store.commit(Record::Final(Box::new(record))).await;
+                if committed {
+                    self.metrics.finished(Outcome::Rejected, 1);
+                }
+                leader.finish(committed);
+                return committed;
+            }
         };
         if outcome == Outcome::FailedRetriesExhausted {
             let letter = DeadLetter::exhausted(

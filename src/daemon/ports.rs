@@ -4,7 +4,7 @@
 
 use super::pipeline::{Letters, Store};
 use crate::audit::{Audit, AuditWriter, FinalLookups, Record};
-use crate::broker::DeadLetters;
+use crate::broker::{DeadLetters, Parking};
 use crate::domain::DeadLetter;
 use std::collections::{HashMap, HashSet};
 use tokio_util::sync::CancellationToken;
@@ -36,6 +36,7 @@ impl Store for AuditStore {
 
 pub struct BrokerLetters {
     pub dead_letters: DeadLetters,
+    pub parking: Parking,
     pub abort: CancellationToken,
 }
 
@@ -47,6 +48,14 @@ impl Letters for BrokerLetters {
             biased;
             () = held.cancelled() => false,
             published = self.dead_letters.publish(letter, &self.abort) => published,
+        }
+    }
+
+    async fn park(&self, letter: &DeadLetter, held: &CancellationToken) -> bool {
+        tokio::select! {
+            biased;
+            () = held.cancelled() => false,
+            parked = self.parking.park(letter, &self.abort) => parked,
         }
     }
 }

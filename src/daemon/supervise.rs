@@ -3,7 +3,7 @@
 
 use super::http::BrokerUp;
 use super::{Handled, LivePipeline, reconnect_backoff, work};
-use crate::broker::{DeadLetters, Incoming, Session};
+use crate::broker::{DeadLetters, Incoming, Parking, Session};
 use crate::domain::ParsedMessage;
 use crate::metrics::Metrics;
 use crate::settings::{ConfigError, DaemonConfig};
@@ -31,6 +31,7 @@ pub(super) struct Supervised<'a> {
     pub(super) tasks: &'a TaskTracker,
     pub(super) broker_up: &'a BrokerUp,
     pub(super) dead_letters: &'a DeadLetters,
+    pub(super) parking: &'a Parking,
     pub(super) metrics: &'a Metrics,
 }
 
@@ -49,6 +50,7 @@ pub(super) async fn supervise(
         tasks,
         broker_up,
         dead_letters,
+        parking,
         metrics,
     } = s;
     let mut reconnect = reconnect_backoff();
@@ -109,6 +111,7 @@ pub(super) async fn supervise(
         ever_opened = true;
         let opened_at = Instant::now();
         dead_letters.attach(&session);
+        parking.attach(&session);
         let tally = Arc::new(Tally::default());
         let session_tasks = TaskTracker::new();
         let ended = consume(
@@ -235,7 +238,7 @@ async fn consume(
         // unstarted, while either holds; losing the session ends the wait.
         let ready = async {
             let credit = Arc::clone(credits).acquire_many_owned(wanted).await.ok()?;
-            let open = pipeline.dispatcher.gate.wait_open(stop).await
+            let open = pipeline.dispatcher.holds.wait_open(stop).await
                 && pipeline.store.audit.wait_healthy(stop).await;
             open.then_some(credit)
         };

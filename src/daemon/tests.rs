@@ -7,7 +7,9 @@ use super::in_flight::InFlight;
 use super::*;
 use crate::aom::CallError;
 use crate::audit::Record;
-use crate::domain::{Attempt, DeadLetter, ErrorKind, Header, TerminationRequest, Verdict};
+use crate::domain::{
+    Attempt, DeadLetter, ErrorKind, Header, ProjectId, TerminationRequest, Verdict,
+};
 use crate::sandbox::{Sandbox, SandboxArgs};
 use crate::settings::AuthSettings;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -19,28 +21,30 @@ const PROJECT: &str = "0123456789abcdef0123456789abcdef";
 
 /// What happened, in order, across every fake.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Event {
+pub(super) enum Event {
     /// A dead letter confirmed, by the request it is about (or `rejected`).
     DeadLettered(String),
+    /// A request parked (confirmed), by its request id.
+    Parked(String),
     /// An outcome committed: request id and outcome (`skipped` for a skip).
     Committed(String, String),
     Acked,
 }
 
 #[derive(Default)]
-struct Log(Mutex<Vec<Event>>);
+pub(super) struct Log(Mutex<Vec<Event>>);
 
 impl Log {
     fn push(&self, e: Event) {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).push(e);
     }
 
-    fn events(&self) -> Vec<Event> {
+    pub(super) fn events(&self) -> Vec<Event> {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
-struct FakeStore {
+pub(super) struct FakeStore {
     log: Arc<Log>,
     commits_fail: bool,
     finals: HashSet<String>,
@@ -73,7 +77,7 @@ impl Store for FakeStore {
     }
 }
 
-struct FakeLetters {
+pub(super) struct FakeLetters {
     log: Arc<Log>,
     confirmed: bool,
 }
@@ -83,17 +87,29 @@ impl Letters for FakeLetters {
         if !self.confirmed {
             return false;
         }
-        let about = letter
-            .headers
-            .iter()
-            .find_map(|(name, value)| match (name, value) {
-                (&"x-aom-request-id", Header::Text(id)) => Some(id.clone()),
-                _ => None,
-            })
-            .unwrap_or_else(|| "rejected".to_owned());
-        self.log.push(Event::DeadLettered(about));
+        self.log.push(Event::DeadLettered(about(letter)));
         true
     }
+
+    async fn park(&self, letter: &DeadLetter, _held: &CancellationToken) -> bool {
+        if !self.confirmed {
+            return false;
+        }
+        self.log.push(Event::Parked(about(letter)));
+        true
+    }
+}
+
+/// The request a letter is about (or `rejected`).
+fn about(letter: &DeadLetter) -> String {
+    letter
+        .headers
+        .iter()
+        .find_map(|(name, value)| match (name, value) {
+            (&"x-aom-request-id", Header::Text(id)) => Some(id.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| "rejected".to_owned())
 }
 
 struct FakeAck(Arc<Log>);
@@ -104,11 +120,18 @@ impl Acknowledge for FakeAck {
     }
 }
 
-/// Answers by execution id from a script (then 200), records each call's
-/// time, and can hold calls until released.
+/// Answers by execution id from a script (then 200), 401 for the projects
+/// it is told to refuse, records each call's time, and can hold calls
+/// until released.
 #[derive(Default)]
-struct FakeApi {
+pub(super) struct FakeApi {
     script: Mutex<HashMap<String, VecDeque<u16>>>,
+    /// Projects answered 401 whatever the script says.
+    pub(super) refused: Mutex<HashSet<String>>,
+    /// Projects the credentials are known not to cover: no call is made.
+    pub(super) not_covered: Mutex<HashSet<String>>,
+    /// Execution ids whose region cannot be found: no call is made.
+    pub(super) unroutable: HashSet<String>,
     calls: Mutex<Vec<(String, Instant)>>,
     /// Set: every call waits for a `notify_one` before answering.
     hold: Option<Arc<Notify>>,
@@ -118,7 +141,7 @@ struct FakeApi {
 }
 
 impl FakeApi {
-    fn scripted(script: &[(&str, &[u16])]) -> Self {
+    pub(super) fn scripted(script: &[(&str, &[u16])]) -> Self {
         FakeApi {
             script: Mutex::new(
                 script
@@ -130,7 +153,7 @@ impl FakeApi {
         }
     }
 
-    fn calls(&self) -> Vec<(String, Instant)> {
+    pub(super) fn calls(&self) -> Vec<(String, Instant)> {
         self.calls.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
@@ -170,6 +193,16 @@ fn answer(status: u16) -> Attempt {
 impl Api for FakeApi {
     async fn terminate(&self, req: &TerminationRequest) -> Result<Attempt, CallError> {
         let ex = req.execution_id.as_str().to_owned();
+        if self.unroutable.contains(&ex) {
+            return Err(CallError::Unroutable(format!("no region for {ex}")));
+        }
+        let project = req.project_id.as_str();
+        if lock(&self.not_covered).contains(project) {
+            return Err(CallError::NotCovered {
+                project: project.to_owned(),
+                why: "not in the token's scope".to_owned(),
+            });
+        }
         self.calls
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -177,6 +210,9 @@ impl Api for FakeApi {
         self.called.notify_waiters();
         if let Some(hold) = &self.hold {
             hold.notified().await;
+        }
+        if lock(&self.refused).contains(project) {
+            return Ok(answer(401));
         }
         let status = self
             .script
@@ -188,17 +224,23 @@ impl Api for FakeApi {
         Ok(answer(status))
     }
 
-    fn rejected(&self, _generation: u64) -> bool {
+    fn rejected(&self, _project: &ProjectId, _generation: u64) -> bool {
         self.renews
     }
 }
 
-struct World<A> {
-    pipeline: Pipeline<FakeStore, FakeLetters, A>,
-    log: Arc<Log>,
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn world<A: Api>(
+pub(super) struct World<A> {
+    pub(super) pipeline: Pipeline<FakeStore, FakeLetters, A>,
+    pub(super) log: Arc<Log>,
+    /// The projects released, as the mover would receive them.
+    pub(super) released: tokio::sync::mpsc::UnboundedReceiver<ProjectId>,
+}
+
+pub(super) fn world<A: Api>(
     api: A,
     max_attempts: u32,
     tune: impl FnOnce(&mut FakeStore, &mut FakeLetters),
@@ -220,12 +262,14 @@ fn world<A: Api>(
         max: Duration::from_millis(50),
         max_attempts,
     };
+    let (holds, released) = Holds::new(Arc::clone(&metrics));
     let dispatcher = Dispatcher::new(
         api,
         policy,
         8,
         None,
         Arc::clone(&metrics),
+        Arc::new(holds),
         CancellationToken::new(),
         CancellationToken::new(),
     );
@@ -240,15 +284,25 @@ fn world<A: Api>(
             metrics,
         },
         log,
+        released,
     }
 }
 
 fn message(requests: &[(&str, &str)]) -> Message {
+    let requests: Vec<_> = requests
+        .iter()
+        .map(|(id, ex)| (*id, PROJECT, *ex))
+        .collect();
+    message_for(&requests)
+}
+
+/// A message of `(request_id, project_id, execution_id)` requests.
+pub(super) fn message_for(requests: &[(&str, &str, &str)]) -> Message {
     let elements: Vec<serde_json::Value> = requests
         .iter()
-        .map(|(id, ex)| {
+        .map(|(id, project, ex)| {
             serde_json::json!({
-                "request_id": id, "project_id": PROJECT, "workflow_id": "wf", "execution_id": ex
+                "request_id": id, "project_id": project, "workflow_id": "wf", "execution_id": ex
             })
         })
         .collect();
@@ -263,7 +317,7 @@ fn message(requests: &[(&str, &str)]) -> Message {
     }
 }
 
-async fn run_one<A: Api>(w: &World<A>, msg: Message) -> Handled {
+pub(super) async fn run_one<A: Api>(w: &World<A>, msg: Message) -> Handled {
     run_held(w, msg, &CancellationToken::new()).await
 }
 
@@ -273,7 +327,7 @@ async fn run_held<A: Api>(w: &World<A>, msg: Message, held: &CancellationToken) 
     work(&w.pipeline, msg, parsed, FakeAck(Arc::clone(&w.log)), held).await
 }
 
-fn committed(id: &str, outcome: &str) -> Event {
+pub(super) fn committed(id: &str, outcome: &str) -> Event {
     Event::Committed(id.to_owned(), outcome.to_owned())
 }
 
@@ -379,7 +433,8 @@ async fn the_401_probe_backs_off_from_one_second_and_resumes_by_itself() {
     // is accepted and the request succeeds. No 401 counted as an attempt.
     let secs: Vec<u64> = at.iter().map(Duration::as_secs).collect();
     assert_eq!(secs, [0, 1, 3, 7]);
-    assert!(w.pipeline.dispatcher.gate.is_open(), "resumed");
+    assert!(w.pipeline.dispatcher.holds.is_open(), "resumed");
+    assert!(w.pipeline.dispatcher.holds.held().is_empty(), "released");
     assert!(w.log.events().contains(&committed("r1", "succeeded")));
 }
 
@@ -569,7 +624,8 @@ async fn the_broker_dead_letter_port_fails_fast_once_the_message_is_taken_back()
     let settings = Args::parse_from(["x"]).broker.settings().expect("defaults");
     // No session attached: a publish would retry until one is.
     let letters = ports::BrokerLetters {
-        dead_letters: DeadLetters::new(settings),
+        dead_letters: DeadLetters::new(settings.clone()),
+        parking: crate::broker::Parking::new(settings),
         abort: CancellationToken::new(),
     };
     let letter = DeadLetter {

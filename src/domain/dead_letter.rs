@@ -23,6 +23,13 @@ const SOURCE_QUEUE: &str = "x-aom-source-queue";
 const DEAD_LETTERED_AT: &str = "x-aom-dead-lettered-at";
 const REDELIVERED: &str = "x-aom-redelivered";
 const SOURCE_MESSAGE_ID: &str = "x-aom-source-message-id";
+/// On a parked request: its project, which the mover reads to decide
+/// whether the request may go back to the request queue.
+pub const PARKED_PROJECT: &str = "x-aom-parked-project";
+/// On a parked request (kept when it is moved back): when it was parked.
+/// A message with it may have had calls made before (401s).
+pub const PARKED_AT: &str = "x-aom-parked-at";
+const PARKED_WHY: &str = "x-aom-parked-why";
 /// Set by the broker on a message it dead-lettered itself.
 const BROKER_DEATH_REASON: &str = "x-first-death-reason";
 
@@ -127,6 +134,28 @@ impl DeadLetter {
             headers.push((ERROR_MSG, text(truncate(msg, 1024))));
         }
         headers.extend(common_headers(src, source_queue));
+        DeadLetter {
+            body: WireRequest::from(req).to_body(),
+            content_type: "application/json",
+            headers,
+        }
+    }
+}
+
+impl DeadLetter {
+    /// A request of a held project, for the parking queue: a
+    /// single-request message that can go back to the request queue as it
+    /// is (its request_id kept, so the audit's dedupe still applies).
+    pub fn parked(src: &Source<'_>, req: &TerminationRequest, why: &str) -> DeadLetter {
+        let mut headers = vec![
+            (PARKED_PROJECT, text(req.project_id.as_str())),
+            (REQUEST_ID, text(req.request_id.as_str())),
+            (PARKED_AT, text(Utc::now().to_rfc3339())),
+            (PARKED_WHY, text(truncate(why, 1024))),
+        ];
+        if let Some(id) = src.message_id {
+            headers.push((SOURCE_MESSAGE_ID, text(id)));
+        }
         DeadLetter {
             body: WireRequest::from(req).to_body(),
             content_type: "application/json",

@@ -9,7 +9,7 @@ mod request;
 mod wire;
 
 pub use attempt::{Attempt, ErrorKind, Verdict};
-pub use dead_letter::{DeadLetter, Header, Letter, Source};
+pub use dead_letter::{DeadLetter, Header, Letter, PARKED_AT, PARKED_PROJECT, Source};
 pub use message::Message;
 pub use request::{
     ExecutionId, Item, MAX_BATCH, MAX_BODY_BYTES, Outcome, ParsedMessage, ProjectId, Region,

@@ -28,6 +28,11 @@ pub struct BrokerArgs {
     /// Queue for requests whose retries ran out and for rejected messages.
     #[arg(long, env = "DEAD_LETTER_QUEUE", default_value = "aom.terminate.dead")]
     pub dead_letter_queue: String,
+    /// Queue for the requests of projects the credentials do not cover
+    /// right now (a 401 for them alone), until they are covered again
+    /// [default: TERMINATE_QUEUE + `.parked`].
+    #[arg(long, env = "PARKING_QUEUE")]
+    pub parking_queue: Option<String>,
     /// Deliveries of one message before the broker dead-letters it (x-delivery-limit).
     #[arg(long, env = "DELIVERY_LIMIT", default_value_t = 20)]
     pub delivery_limit: u32,
@@ -63,6 +68,7 @@ pub struct AmqpSettings {
     pub vhost: String,
     pub queue: String,
     pub dead_letter_queue: String,
+    pub parking_queue: String,
     pub delivery_limit: u32,
     pub tls: AmqpTls,
 }
@@ -75,6 +81,7 @@ impl std::fmt::Debug for AmqpSettings {
             .field("vhost", &self.vhost)
             .field("queue", &self.queue)
             .field("dead_letter_queue", &self.dead_letter_queue)
+            .field("parking_queue", &self.parking_queue)
             .field("delivery_limit", &self.delivery_limit)
             .field("private_ca", &self.tls.ca_pem.is_some())
             .field("client_certificate", &self.tls.client.is_some())
@@ -101,16 +108,30 @@ impl BrokerArgs {
         };
         let host = decode(url.host_str().unwrap_or("localhost"))?;
         let vhost = decode(url.path().get(1..).unwrap_or("/"))?;
+        // Named after the request queue, so that daemons of different
+        // request queues never move each other's parked requests.
+        let parking_queue = self
+            .parking_queue
+            .clone()
+            .unwrap_or_else(|| format!("{}.parked", self.terminate_queue));
         for (name, value) in [
             ("TERMINATE_QUEUE", &self.terminate_queue),
             ("DEAD_LETTER_QUEUE", &self.dead_letter_queue),
+            ("PARKING_QUEUE", &parking_queue),
         ] {
             if value.is_empty() || value.len() > 255 {
                 return err(format!("{name} must be 1..255 bytes"));
             }
         }
-        if self.terminate_queue == self.dead_letter_queue {
-            return err("TERMINATE_QUEUE and DEAD_LETTER_QUEUE must differ".to_owned());
+        let queues = [
+            &self.terminate_queue,
+            &self.dead_letter_queue,
+            &parking_queue,
+        ];
+        if queues[0] == queues[1] || queues[0] == queues[2] || queues[1] == queues[2] {
+            return err(
+                "TERMINATE_QUEUE, DEAD_LETTER_QUEUE and PARKING_QUEUE must differ".to_owned(),
+            );
         }
         if self.delivery_limit == 0 {
             return err("DELIVERY_LIMIT must be at least 1".to_owned());
@@ -134,6 +155,7 @@ impl BrokerArgs {
             vhost,
             queue: self.terminate_queue.clone(),
             dead_letter_queue: self.dead_letter_queue.clone(),
+            parking_queue,
             delivery_limit: self.delivery_limit,
             tls: AmqpTls { ca_pem, client },
         })

@@ -68,6 +68,9 @@ pub struct Pending {
     /// management API).
     pub unacked: Option<u64>,
     pub total: Option<u64>,
+    /// Requests in the parking queue: their project's calls are refused
+    /// (401) while others' go through. Not in `total`.
+    pub parked: Option<u64>,
 }
 
 impl From<QueueCounts> for Pending {
@@ -76,6 +79,7 @@ impl From<QueueCounts> for Pending {
             ready: c.ready,
             unacked: c.unacked,
             total: c.ready.zip(c.unacked).map(|(r, u)| r + u),
+            parked: c.parked,
         }
     }
 }
@@ -193,6 +197,7 @@ fn to_csv(r: &Report) -> String {
     let opt = |v: Option<u64>| v.map(|n| n.to_string()).unwrap_or_default();
     row(["pending", "ready", "", &opt(r.pending.ready)]);
     row(["pending", "unacked", "", &opt(r.pending.unacked)]);
+    row(["pending", "parked", "", &opt(r.pending.parked)]);
     let ms = |v: Option<f64>| v.map(|x| format!("{x:.1}")).unwrap_or_default();
     row(["latency_ms", "p50", "", &ms(r.summary.latency_ms.p50)]);
     row(["latency_ms", "p95", "", &ms(r.summary.latency_ms.p95)]);
@@ -305,6 +310,12 @@ pub fn to_table(r: &Report) -> String {
         opt(r.pending.ready),
         opt(r.pending.unacked)
     ));
+    if let Some(parked) = r.pending.parked.filter(|n| *n > 0) {
+        out.push_str(&format!(
+            "parked: {parked} requests of projects the API refuses the credentials for \
+             (see /readyz); they go back to the queue when it accepts them\n"
+        ));
+    }
     let ms = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |x| format!("{x:.1} ms"));
     out.push_str(&format!(
         "API latency over {} calls: p50 {}, p95 {}, p99 {}\n",

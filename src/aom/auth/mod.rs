@@ -92,7 +92,7 @@ impl Auth {
     /// The API answered 401 to a call made with `generation`. Returns
     /// whether a new credential may now be available, so that one immediate
     /// retry is worth making before pausing.
-    pub fn rejected(&self, generation: u64) -> bool {
+    pub fn rejected(&self, _project: &crate::domain::ProjectId, generation: u64) -> bool {
         match self {
             Auth::Token(source) => source.rejected(generation),
             Auth::Iam(iam) => iam.rejected(generation),
