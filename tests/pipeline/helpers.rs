@@ -8,7 +8,9 @@
 
 #![allow(dead_code)] // not every test binary uses every helper
 
-use aom_terminator::broker::{declare_topology, request_queue_arguments};
+use aom_terminator::broker::{
+    dead_letter_queue_arguments, declare_topology, request_queue_arguments,
+};
 // The daemon in-process gets exactly the flags a test gives it: its
 // settings' environment variables (CLOUD_SDK_AK, RATE_LIMIT, ... in the
 // developer's shell) are not read.
@@ -355,6 +357,14 @@ impl TestEnv {
         self.queue_state(&self.queue, args).await.0
     }
 
+    /// Requests waiting in the parking queue (their project is held).
+    pub async fn parked_requests(&self) -> u32 {
+        let queue = format!("{}.parked", self.queue);
+        self.queue_state(&queue, dead_letter_queue_arguments())
+            .await
+            .0
+    }
+
     /// Take every message from the dead-letter queue: (headers, body).
     pub async fn drain_dead_letters(&self) -> Vec<(FieldTable, Vec<u8>)> {
         let mut out = Vec::new();
@@ -445,7 +455,11 @@ pub struct OutcomeRow {
 impl Drop for TestEnv {
     fn drop(&mut self) {
         let amqp_url = self.amqp_url.clone();
-        let queues = [self.queue.clone(), self.dead_letter_queue.clone()];
+        let queues = [
+            self.queue.clone(),
+            self.dead_letter_queue.clone(),
+            format!("{}.parked", self.queue),
+        ];
         let admin_url = with_database(&self.database_url, "postgres");
         let database = self.database_name();
         let cleanup = std::thread::spawn(move || {

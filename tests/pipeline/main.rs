@@ -6,6 +6,7 @@ mod demo;
 mod helpers;
 mod manners;
 mod pacing;
+mod parking;
 mod tls;
 mod tls_peers;
 mod tls_tests;
