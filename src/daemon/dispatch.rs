@@ -86,12 +86,20 @@ pub struct Dispatcher<A> {
     abort: CancellationToken,
 }
 
+/// How many calls may run, and how fast they may start.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// `CONCURRENCY`: calls in flight at once, across the daemon.
+    pub concurrency: usize,
+    /// `RATE_LIMIT`: call starts per second.
+    pub rate_limit: Option<NonZeroU32>,
+}
+
 impl<A: Api> Dispatcher<A> {
     pub fn new(
         api: A,
         policy: RetryPolicy,
-        concurrency: usize,
-        rate_limit: Option<NonZeroU32>,
+        limits: Limits,
         metrics: Arc<Metrics>,
         holds: Arc<Holds>,
         stop: CancellationToken,
@@ -99,14 +107,14 @@ impl<A: Api> Dispatcher<A> {
     ) -> Self {
         // A small burst (a twentieth of a second's worth): the rate holds
         // over seconds, not only on average over minutes.
-        let limiter = rate_limit.map(|r| {
+        let limiter = limits.rate_limit.map(|r| {
             let burst = NonZeroU32::new((r.get() / 20).max(1)).unwrap_or(NonZeroU32::MIN);
             governor::RateLimiter::direct(governor::Quota::per_second(r).allow_burst(burst))
         });
         Self {
             api,
             policy,
-            calls: Arc::new(Semaphore::new(concurrency)),
+            calls: Arc::new(Semaphore::new(limits.concurrency)),
             limiter,
             throttled_until: Mutex::new(None),
             limiter_turn: tokio::sync::Mutex::new(()),

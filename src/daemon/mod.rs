@@ -19,7 +19,7 @@ mod supervise;
 #[cfg(test)]
 mod tests;
 
-pub use dispatch::{Api, Dispatched, Dispatcher, End};
+pub use dispatch::{Api, Dispatched, Dispatcher, End, Limits};
 pub use holds::Holds;
 pub use pipeline::{Handled, Letters, Pipeline, Store};
 
@@ -155,8 +155,10 @@ async fn serve(
         dispatcher: Dispatcher::new(
             client,
             policy,
-            cfg.concurrency,
-            cfg.rate_limit,
+            Limits {
+                concurrency: cfg.concurrency,
+                rate_limit: cfg.rate_limit,
+            },
             Arc::clone(&metrics),
             holds,
             stop.clone(),

@@ -266,8 +266,10 @@ pub(super) fn world<A: Api>(
     let dispatcher = Dispatcher::new(
         api,
         policy,
-        8,
-        None,
+        Limits {
+            concurrency: 8,
+            rate_limit: None,
+        },
         Arc::clone(&metrics),
         Arc::new(holds),
         CancellationToken::new(),

@@ -43,7 +43,9 @@ async fn enqueue(env: &TestEnv, args: &[&str], stdin: Option<&str>) -> (Option<i
     let mut child = cmd.spawn().expect("spawn enqueue");
     if let Some(text) = stdin {
         let mut pipe = child.stdin.take().expect("stdin");
-        pipe.write_all(text.as_bytes()).await.expect("write stdin");
+        // enqueue may refuse and exit before reading all of it (a broken
+        // pipe here); its exit code and output say what it did.
+        let _ = pipe.write_all(text.as_bytes()).await;
         drop(pipe); // end of input
     }
     output(child).await
