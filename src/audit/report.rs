@@ -26,8 +26,17 @@ pub struct Summary {
     pub total: i64,
     pub outcomes: Vec<Count>,
     pub errors: Vec<ErrorCount>,
+    pub projects: Vec<ProjectCount>,
     pub workflows: Vec<WorkflowCount>,
     pub latency_ms: Latency,
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct ProjectCount {
+    pub project_id: Option<String>,
+    pub total: i64,
+    pub succeeded: i64,
+    pub failed: i64,
 }
 
 #[derive(Debug, Serialize, sqlx::FromRow)]
@@ -113,6 +122,18 @@ impl Reports {
                 f,
             )
             .await?;
+        let projects: Vec<ProjectCount> = self
+            .query_as(
+                &format!(
+                    "SELECT o.project_id, count(*) AS total, \
+                   count(*) FILTER (WHERE o.outcome = '{succeeded}') AS succeeded, \
+                   count(*) FILTER (WHERE o.outcome <> '{succeeded}') AS failed \
+                 FROM termination_outcomes o WHERE {FILTER} \
+                 GROUP BY 1 ORDER BY total DESC LIMIT 50"
+                ),
+                f,
+            )
+            .await?;
         let workflows: Vec<WorkflowCount> = self
             .query_as(
                 &format!(
@@ -143,6 +164,7 @@ impl Reports {
             total: outcomes.iter().map(|c| c.count).sum(),
             outcomes,
             errors,
+            projects,
             workflows,
             latency_ms: latency,
         })

@@ -186,6 +186,14 @@ fn to_csv(r: &Report) -> String {
             &e.count.to_string(),
         ]);
     }
+    for p in &r.summary.projects {
+        row([
+            "project",
+            p.project_id.as_deref().unwrap_or(""),
+            &format!("succeeded={} failed={}", p.succeeded, p.failed),
+            &p.total.to_string(),
+        ]);
+    }
     for w in &r.summary.workflows {
         row([
             "workflow",
@@ -281,6 +289,26 @@ pub fn to_table(r: &Report) -> String {
             .collect();
         out.push_str(&table(
             &["outcome", "status", "error_code", "requests"],
+            &rows,
+        ));
+    }
+    if r.summary.projects.len() > 1 {
+        out.push('\n');
+        let rows: Vec<Vec<String>> = r
+            .summary
+            .projects
+            .iter()
+            .map(|p| {
+                vec![
+                    p.project_id.clone().unwrap_or_else(|| "-".into()),
+                    p.total.to_string(),
+                    p.succeeded.to_string(),
+                    p.failed.to_string(),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &["project", "requests", "succeeded", "not succeeded"],
             &rows,
         ));
     }
