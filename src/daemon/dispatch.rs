@@ -325,6 +325,9 @@ impl<A: Api> Dispatcher<A> {
                 // Another project released: the credentials may have been
                 // renewed; try now rather than at the end of a long delay.
                 () = self.holds.some_release() => {}
+                // A prober has no verdict to wait for: at a stop it leaves
+                // at once, and its message goes back to the queue.
+                () = self.stop.cancelled() => return left(Probe::Aborted),
                 () = self.abort.cancelled() => return left(Probe::Aborted),
                 () = held.cancelled() => return left(Probe::Aborted),
             }
