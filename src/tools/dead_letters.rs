@@ -44,6 +44,7 @@ Examples:
 Examples:
   aom-terminator dead-letters replay --reason failed-retries-exhausted --dry-run
   aom-terminator dead-letters replay --workflow wf-nightly --limit 100
+  aom-terminator dead-letters replay --campaign enq-1a650e7ba8eb65e1
   aom-terminator dead-letters replay --all > replayed.txt")]
     Replay {
         /// Every request whose retries ran out.
@@ -55,6 +56,9 @@ Examples:
         /// Only requests of this workflow.
         #[arg(long, group = "choice")]
         workflow: Option<String>,
+        /// Only requests of this campaign (they keep its campaign_id).
+        #[arg(long, group = "choice")]
+        campaign: Option<String>,
         /// Replay at most this many.
         #[arg(long, default_value_t = usize::MAX, hide_default_value = true)]
         limit: usize,
@@ -88,13 +92,14 @@ pub async fn run(args: DeadLettersArgs, out: &mut impl Write) -> anyhow::Result<
             all,
             reason,
             workflow,
+            campaign,
             limit,
             dry_run,
         } => {
-            if !all && reason.is_none() && workflow.is_none() {
+            if !all && reason.is_none() && workflow.is_none() && campaign.is_none() {
                 admin.close().await;
                 return Err(ConfigError(
-                    "choose what to replay: --all, --reason or --workflow".to_owned(),
+                    "choose what to replay: --all, --reason, --workflow or --campaign".to_owned(),
                 )
                 .into());
             }
@@ -105,7 +110,7 @@ pub async fn run(args: DeadLettersArgs, out: &mut impl Write) -> anyhow::Result<
                 )
                 .into());
             }
-            let filter = Filter { workflow };
+            let filter = Filter { workflow, campaign };
             replay(&admin, &settings, &filter, limit, dry_run, out).await
         }
     };
@@ -171,6 +176,7 @@ async fn list(
 
 struct Filter {
     workflow: Option<String>,
+    campaign: Option<String>,
 }
 
 async fn replay(
@@ -195,6 +201,10 @@ async fn replay(
         }
         if filter.workflow.is_some() && letter.workflow_id != filter.workflow {
             keep("other workflow");
+            continue;
+        }
+        if filter.campaign.is_some() && letter.campaign_id != filter.campaign {
+            keep("other campaign");
             continue;
         }
         let Some(body) = replay_body(&taken.body, &stamp) else {
@@ -256,8 +266,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_replay_is_a_new_request_linked_to_the_original() {
-        let body = br#"{"request_id":"r1","project_id":"0123456789abcdef0123456789abcdef","workflow_id":"w","execution_id":"e","reason":"x"}"#;
+    fn a_replay_is_a_new_request_linked_to_the_original_in_its_campaign() {
+        let body = br#"{"request_id":"r1","project_id":"0123456789abcdef0123456789abcdef","workflow_id":"w","execution_id":"e","reason":"x","campaign_id":"c-1"}"#;
         let replayed = replay_body(body, "20261201T000000000Z").expect("replayable");
         let ParsedMessage::Requests(items) = ParsedMessage::parse(&replayed, None) else {
             panic!("unreadable replay")
@@ -268,6 +278,11 @@ mod tests {
         assert_eq!(r.request_id, "r1:replay:20261201T000000000Z");
         assert_eq!(r.replay_of.as_deref(), Some("r1"));
         assert_eq!(r.reason.as_deref(), Some("x"));
+        assert_eq!(
+            r.campaign_id.as_deref(),
+            Some("c-1"),
+            "a replay stays in its campaign"
+        );
         assert_eq!(replay_body(b"junk", "t"), None);
     }
 }
