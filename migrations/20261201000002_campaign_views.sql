@@ -2,10 +2,13 @@
 -- columns are a public contract, as the tables' are.
 
 -- The last attempt of each request: its status and error, where it went.
--- A filter on request_id or campaign_id reaches the attempts' index through
--- DISTINCT ON, so one request's row costs an index probe, not a scan.
+-- Written as "no later attempt exists" rather than DISTINCT ON, so that a
+-- filter on request_id, or a join on it (from a campaign's outcomes, say),
+-- probes the attempts' (request_id, attempt) index per request instead of
+-- sorting every attempt first. A second row for the same attempt number (two
+-- daemons) is decided by its id, the later one.
 CREATE VIEW termination_latest_attempt AS
-SELECT DISTINCT ON (a.request_id)
+SELECT
     a.request_id,
     a.campaign_id,
     a.attempt,
@@ -18,7 +21,11 @@ SELECT DISTINCT ON (a.request_id)
     a.region,
     a.endpoint_host
 FROM termination_attempts a
-ORDER BY a.request_id, a.attempt DESC, a.id DESC;
+WHERE NOT EXISTS (
+    SELECT 1 FROM termination_attempts later
+    WHERE later.request_id = a.request_id
+      AND (later.attempt > a.attempt OR (later.attempt = a.attempt AND later.id > a.id))
+);
 
 -- Each campaign's progress. `done` counts the campaign's own requests with a
 -- final outcome; a replay from the dead-letter queue is a new request (its own

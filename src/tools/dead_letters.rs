@@ -187,7 +187,8 @@ async fn replay(
     dry_run: bool,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
-    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%3fZ").to_string();
+    let started = chrono::Utc::now();
+    let stamp = started.format("%Y%m%dT%H%M%S%3fZ").to_string();
     let (mut replayed, mut kept) = (0usize, BTreeMap::<String, usize>::new());
     let mut keep = |why: &str| *kept.entry(why.to_owned()).or_default() += 1;
     while replayed < limit {
@@ -197,6 +198,12 @@ async fn replay(
         let letter = Letter::describe(&taken.headers, &taken.body);
         if !letter.is_exhausted() {
             keep(&letter.reason);
+            continue;
+        }
+        // A replay that fails again comes back to this queue while the loop
+        // still reads it; taken again, it would be replayed again and again.
+        if dead_lettered_since(&letter, started) {
+            keep("dead-lettered during this replay");
             continue;
         }
         if filter.workflow.is_some() && letter.workflow_id != filter.workflow {
@@ -246,6 +253,15 @@ async fn replay(
     Ok(())
 }
 
+/// Whether `letter` went to the dead-letter queue at or after `started`.
+fn dead_lettered_since(letter: &Letter, started: chrono::DateTime<chrono::Utc>) -> bool {
+    letter
+        .dead_lettered_at
+        .as_deref()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .is_some_and(|t| t >= started)
+}
+
 /// The dead letter's request with a fresh request_id and `replay_of` set
 /// to the original's; `None` if the body is not one valid request.
 fn replay_body(body: &[u8], stamp: &str) -> Option<Vec<u8>> {
@@ -264,6 +280,38 @@ fn replay_body(body: &[u8], stamp: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn letters_dead_lettered_during_the_replay_are_not_taken_again() {
+        let started = chrono::Utc::now();
+        let letter = |at: Option<String>| Letter {
+            reason: "failed_retries_exhausted".to_owned(),
+            request_id: None,
+            workflow_id: None,
+            execution_id: None,
+            campaign_id: None,
+            http_status: None,
+            error_code: None,
+            error: None,
+            dead_lettered_at: at,
+            source_message_id: None,
+        };
+        let before = started - chrono::TimeDelta::seconds(5);
+        let after = started + chrono::TimeDelta::milliseconds(5);
+        assert!(!dead_lettered_since(
+            &letter(Some(before.to_rfc3339())),
+            started
+        ));
+        assert!(dead_lettered_since(
+            &letter(Some(after.to_rfc3339())),
+            started
+        ));
+        assert!(
+            !dead_lettered_since(&letter(None), started),
+            "unknown: replayable"
+        );
+        assert!(!dead_lettered_since(&letter(Some("junk".into())), started));
+    }
 
     #[test]
     fn a_replay_is_a_new_request_linked_to_the_original_in_its_campaign() {

@@ -433,7 +433,9 @@ async fn the_views_answer_for_rows_any_writer_adds() {
     .execute(&env.db)
     .await
     .expect("attempts");
-    let latest: Vec<(String, i32, Option<i32>, Option<String>, Option<String>)> = sqlx::query_as(
+    /// request_id, attempt, http_status, error_kind, error_msg
+    type Latest = (String, i32, Option<i32>, Option<String>, Option<String>);
+    let latest: Vec<Latest> = sqlx::query_as(
         "SELECT request_id, attempt, http_status, error_kind, error_msg \
          FROM termination_latest_attempt ORDER BY request_id",
     )
