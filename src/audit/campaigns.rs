@@ -3,7 +3,7 @@
 //! same view people query with SQL, so the tool and the SQL cannot disagree).
 
 use super::AuditError;
-use super::report::Reports;
+use super::report::{ErrorCount, Reports};
 use crate::settings::{ConfigError, DatabaseSettings};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -169,6 +169,22 @@ impl Reports {
                 .fetch_optional(self.pool())
                 .await?,
         )
+    }
+
+    /// Campaign `id`'s outcomes other than success, by outcome, status and
+    /// error code, most first (at most 20 rows, as `report`'s). Its own query
+    /// rather than `summary`, whose latency percentiles join every attempt
+    /// and are no part of a campaign's progress.
+    pub async fn campaign_errors(&self, id: &str) -> Result<Vec<ErrorCount>, AuditError> {
+        Ok(sqlx::query_as(
+            "SELECT o.outcome, o.http_status, o.error_code, count(*) AS count \
+             FROM termination_outcomes o WHERE o.campaign_id = $1 AND o.outcome <> $2 \
+             GROUP BY 1, 2, 3 ORDER BY count DESC LIMIT 20",
+        )
+        .bind(id)
+        .bind(crate::domain::Outcome::Succeeded.as_str())
+        .fetch_all(self.pool())
+        .await?)
     }
 
     /// The `limit` most recently created campaigns that an enqueue recorded.

@@ -1,12 +1,11 @@
 //! `report --campaign ID`, `--campaigns` and `--watch`: one mass cancellation
 //! followed from the audit. Progress comes from the
-//! `termination_campaign_progress` view; errors and latency from the
-//! report's own summary, filtered to the campaign.
+//! `termination_campaign_progress` view, errors from the campaign's outcomes.
 
 use super::output::csv_error;
 use super::report::{ReportArgs, ReportFormat, table};
 use crate::audit::campaigns::Progress;
-use crate::audit::report::{Count, ErrorCount, Filter, Latency, Reports};
+use crate::audit::report::{Count, ErrorCount, Reports};
 use crate::domain::Outcome;
 use crate::settings::{ConfigError, DatabaseSettings};
 use chrono::{DateTime, Utc};
@@ -82,7 +81,6 @@ pub struct CampaignReport {
     /// Every outcome row of the campaign, replays included.
     pub outcomes: Vec<Count>,
     pub errors: Vec<ErrorCount>,
-    pub latency_ms: Latency,
 }
 
 /// Requests done per second over the last minute, measured over the part of
@@ -161,12 +159,7 @@ async fn campaign_report(reports: &Reports, id: &str) -> anyhow::Result<Campaign
         ))
         .into());
     };
-    let summary = reports
-        .summary(&Filter {
-            campaign: Some(id.to_owned()),
-            ..Filter::default()
-        })
-        .await?;
+    let errors = reports.campaign_errors(id).await?;
     let by = [
         (Outcome::Succeeded, progress.succeeded),
         (Outcome::FailedPermanent, progress.failed_permanent),
@@ -185,8 +178,7 @@ async fn campaign_report(reports: &Reports, id: &str) -> anyhow::Result<Campaign
                 count: *n,
             })
             .collect(),
-        errors: summary.errors,
-        latency_ms: summary.latency_ms,
+        errors,
     })
 }
 
