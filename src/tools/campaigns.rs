@@ -153,13 +153,15 @@ pub async fn run(
 }
 
 async fn campaign_report(reports: &Reports, id: &str) -> anyhow::Result<CampaignReport> {
-    let Some(progress) = reports.campaign(id).await? else {
+    // Two connections, two queries at once: each reads the campaign's
+    // entries alone, and a watch repeats them every 2 s.
+    let (progress, errors) = tokio::try_join!(reports.campaign(id), reports.campaign_errors(id))?;
+    let Some(progress) = progress else {
         return Err(ConfigError(format!(
             "no campaign {id:?}: no enqueue recorded it and no outcome carries it"
         ))
         .into());
     };
-    let errors = reports.campaign_errors(id).await?;
     let by = [
         (Outcome::Succeeded, progress.succeeded),
         (Outcome::FailedPermanent, progress.failed_permanent),
