@@ -131,6 +131,15 @@ async fn a_campaign_is_followed_from_enqueue_to_report() {
     }
     assert_eq!(json["eta_seconds"], 0, "done: nothing left to wait for");
     assert!(json["first_outcome_at"].is_string() && json["last_outcome_at"].is_string());
+    // Its failures, ready to enqueue again.
+    let (code, failed) = report(&env, &["--campaign", "spring-clean", "--failed"]).await;
+    assert_eq!(code, Some(0), "{failed}");
+    let executions: Vec<&str> = failed
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split(',').nth(2))
+        .collect();
+    assert_eq!(executions, ["e404-a", "e500-a"], "{failed}");
 
     // A different file under the same name adds to it.
     let more = write_file("more.csv", &csv(&["ex-5", "ex-6"]));
