@@ -52,6 +52,7 @@ Examples:
 Examples:
   aom-terminator enqueue cancel.csv --dry-run
   aom-terminator enqueue cancel.csv --requested-by alice
+  aom-terminator enqueue cancel.csv --campaign failover-cleanup --note 'stuck after the failover'
   # what did not succeed, sent again as new requests
   aom-terminator report --failed | aom-terminator enqueue - --format csv")]
     Enqueue(Box<EnqueueArgs>),
@@ -60,7 +61,9 @@ Examples:
 Examples:
   aom-terminator report --since 1h
   aom-terminator report --workflow wf-nightly --format json
-  aom-terminator report --failed > not-terminated.csv")]
+  aom-terminator report --failed > not-terminated.csv
+  aom-terminator report --campaigns
+  aom-terminator report --campaign failover-cleanup --watch")]
     Report(Box<ReportArgs>),
     /// The main job end to end in one command: a mass cancellation through
     /// RabbitMQ, the daemon and an embedded fake API, audited in Postgres.

@@ -8,6 +8,7 @@
 //! likewise answers the dedupe lookups of every message that arrived during
 //! its previous query. Both keep their own connection ([`kept`]).
 
+pub mod campaigns;
 mod kept;
 mod lookups;
 mod records;

@@ -104,6 +104,11 @@ impl Reports {
         Ok(Self { pool })
     }
 
+    /// For the other report queries of the audit (`campaigns`).
+    pub(super) fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
     pub async fn summary(&self, f: &Filter) -> Result<Summary, AuditError> {
         let succeeded = Outcome::Succeeded.as_str();
         let outcomes: Vec<Count> = self

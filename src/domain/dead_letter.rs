@@ -173,6 +173,8 @@ pub struct Letter {
     pub request_id: Option<String>,
     pub workflow_id: Option<String>,
     pub execution_id: Option<String>,
+    /// The campaign of the request (from its body).
+    pub campaign_id: Option<String>,
     pub http_status: Option<String>,
     pub error_code: Option<String>,
     pub error: Option<String>,
@@ -195,6 +197,7 @@ impl Letter {
             request_id: h(REQUEST_ID).or_else(|| field("request_id")),
             workflow_id: field("workflow_id"),
             execution_id: field("execution_id"),
+            campaign_id: field("campaign_id"),
             http_status: h(HTTP_STATUS),
             error_code: h(ERROR_CODE),
             error: h(ERROR_MSG).or_else(|| h(ERROR)).or_else(|| h(REJECTIONS)),

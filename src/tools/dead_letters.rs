@@ -44,6 +44,7 @@ Examples:
 Examples:
   aom-terminator dead-letters replay --reason failed-retries-exhausted --dry-run
   aom-terminator dead-letters replay --workflow wf-nightly --limit 100
+  aom-terminator dead-letters replay --campaign enq-1a650e7ba8eb65e1
   aom-terminator dead-letters replay --all > replayed.txt")]
     Replay {
         /// Every request whose retries ran out.
@@ -55,6 +56,9 @@ Examples:
         /// Only requests of this workflow.
         #[arg(long, group = "choice")]
         workflow: Option<String>,
+        /// Only requests of this campaign (they keep its campaign_id).
+        #[arg(long, group = "choice")]
+        campaign: Option<String>,
         /// Replay at most this many.
         #[arg(long, default_value_t = usize::MAX, hide_default_value = true)]
         limit: usize,
@@ -88,13 +92,14 @@ pub async fn run(args: DeadLettersArgs, out: &mut impl Write) -> anyhow::Result<
             all,
             reason,
             workflow,
+            campaign,
             limit,
             dry_run,
         } => {
-            if !all && reason.is_none() && workflow.is_none() {
+            if !all && reason.is_none() && workflow.is_none() && campaign.is_none() {
                 admin.close().await;
                 return Err(ConfigError(
-                    "choose what to replay: --all, --reason or --workflow".to_owned(),
+                    "choose what to replay: --all, --reason, --workflow or --campaign".to_owned(),
                 )
                 .into());
             }
@@ -105,7 +110,7 @@ pub async fn run(args: DeadLettersArgs, out: &mut impl Write) -> anyhow::Result<
                 )
                 .into());
             }
-            let filter = Filter { workflow };
+            let filter = Filter { workflow, campaign };
             replay(&admin, &settings, &filter, limit, dry_run, out).await
         }
     };
@@ -171,6 +176,7 @@ async fn list(
 
 struct Filter {
     workflow: Option<String>,
+    campaign: Option<String>,
 }
 
 async fn replay(
@@ -181,7 +187,8 @@ async fn replay(
     dry_run: bool,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
-    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%3fZ").to_string();
+    let started = chrono::Utc::now();
+    let stamp = started.format("%Y%m%dT%H%M%S%3fZ").to_string();
     let (mut replayed, mut kept) = (0usize, BTreeMap::<String, usize>::new());
     let mut keep = |why: &str| *kept.entry(why.to_owned()).or_default() += 1;
     while replayed < limit {
@@ -193,8 +200,18 @@ async fn replay(
             keep(&letter.reason);
             continue;
         }
+        // A replay that fails again comes back to this queue while the loop
+        // still reads it; taken again, it would be replayed again and again.
+        if dead_lettered_since(&letter, started) {
+            keep("dead-lettered during this replay");
+            continue;
+        }
         if filter.workflow.is_some() && letter.workflow_id != filter.workflow {
             keep("other workflow");
+            continue;
+        }
+        if filter.campaign.is_some() && letter.campaign_id != filter.campaign {
+            keep("other campaign");
             continue;
         }
         let Some(body) = replay_body(&taken.body, &stamp) else {
@@ -236,6 +253,15 @@ async fn replay(
     Ok(())
 }
 
+/// Whether `letter` went to the dead-letter queue at or after `started`.
+fn dead_lettered_since(letter: &Letter, started: chrono::DateTime<chrono::Utc>) -> bool {
+    letter
+        .dead_lettered_at
+        .as_deref()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .is_some_and(|t| t >= started)
+}
+
 /// The dead letter's request with a fresh request_id and `replay_of` set
 /// to the original's; `None` if the body is not one valid request.
 fn replay_body(body: &[u8], stamp: &str) -> Option<Vec<u8>> {
@@ -256,8 +282,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_replay_is_a_new_request_linked_to_the_original() {
-        let body = br#"{"request_id":"r1","project_id":"0123456789abcdef0123456789abcdef","workflow_id":"w","execution_id":"e","reason":"x"}"#;
+    fn letters_dead_lettered_during_the_replay_are_not_taken_again() {
+        let started = chrono::Utc::now();
+        let letter = |at: Option<String>| Letter {
+            reason: "failed_retries_exhausted".to_owned(),
+            request_id: None,
+            workflow_id: None,
+            execution_id: None,
+            campaign_id: None,
+            http_status: None,
+            error_code: None,
+            error: None,
+            dead_lettered_at: at,
+            source_message_id: None,
+        };
+        let before = started - chrono::TimeDelta::seconds(5);
+        let after = started + chrono::TimeDelta::milliseconds(5);
+        assert!(!dead_lettered_since(
+            &letter(Some(before.to_rfc3339())),
+            started
+        ));
+        assert!(dead_lettered_since(
+            &letter(Some(after.to_rfc3339())),
+            started
+        ));
+        assert!(
+            !dead_lettered_since(&letter(None), started),
+            "unknown: replayable"
+        );
+        assert!(!dead_lettered_since(&letter(Some("junk".into())), started));
+    }
+
+    #[test]
+    fn a_replay_is_a_new_request_linked_to_the_original_in_its_campaign() {
+        let body = br#"{"request_id":"r1","project_id":"0123456789abcdef0123456789abcdef","workflow_id":"w","execution_id":"e","reason":"x","campaign_id":"c-1"}"#;
         let replayed = replay_body(body, "20261201T000000000Z").expect("replayable");
         let ParsedMessage::Requests(items) = ParsedMessage::parse(&replayed, None) else {
             panic!("unreadable replay")
@@ -268,6 +326,11 @@ mod tests {
         assert_eq!(r.request_id, "r1:replay:20261201T000000000Z");
         assert_eq!(r.replay_of.as_deref(), Some("r1"));
         assert_eq!(r.reason.as_deref(), Some("x"));
+        assert_eq!(
+            r.campaign_id.as_deref(),
+            Some("c-1"),
+            "a replay stays in its campaign"
+        );
         assert_eq!(replay_body(b"junk", "t"), None);
     }
 }

@@ -3,21 +3,30 @@
 //! daemon's own parser first; nothing is published while any line is bad
 //! (unless `--skip-invalid`); then batch messages go out with publisher
 //! confirms and the mandatory flag, so nothing is silently dropped.
+//!
+//! Each enqueue is part of a campaign (`--campaign NAME`, or one named after
+//! the input's hash): every request carries its `campaign_id`, and the
+//! campaign is recorded in the audit database before the first publish.
 
 use super::output::{Progress, note};
+use crate::audit::campaigns::{self, CampaignError, NewCampaign};
 use crate::broker::{Admin, BrokerError};
 use crate::domain::{Item, MAX_BATCH, ParsedMessage, TerminationRequest, WireRequest, batch_body};
-use crate::settings::{BrokerArgs, ConfigError};
+use crate::settings::{BrokerArgs, ConfigError, DatabaseArgs};
+use crate::telemetry::cause_chain;
 use clap::{Args, ValueEnum};
 use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Args)]
 pub struct EnqueueArgs {
     #[command(flatten)]
     pub broker: BrokerArgs,
+    /// Where the campaign is recorded (`termination_campaigns`).
+    #[command(flatten)]
+    pub database: DatabaseArgs,
     /// CSV or JSON Lines file; `-` (the default) reads standard input.
     #[arg(default_value = "-")]
     pub file: PathBuf,
@@ -36,6 +45,37 @@ pub struct EnqueueArgs {
     /// Requests per message.
     #[arg(long, default_value_t = DEFAULT_BATCH_SIZE, value_parser = clap::value_parser!(u32).range(1..=MAX_BATCH as i64))]
     pub batch_size: u32,
+    /// The campaign these requests belong to (default: `enq-<hash of the
+    /// input>`, so the same file is the same campaign).
+    #[arg(long, value_parser = campaign_name)]
+    pub campaign: Option<String>,
+    /// A free-text note recorded with the campaign.
+    #[arg(long)]
+    pub note: Option<String>,
+}
+
+/// How long recording the campaign may take before the publish goes ahead
+/// without it.
+const RECORD_LIMIT: Duration = Duration::from_secs(10);
+
+/// Longest `--campaign` name.
+const MAX_CAMPAIGN: usize = 128;
+
+/// `--campaign`: 1..128 characters, no control characters, no blanks at
+/// either end (it is typed again in `report --campaign`).
+fn campaign_name(s: &str) -> Result<String, String> {
+    let n = s.chars().count();
+    if !(1..=MAX_CAMPAIGN).contains(&n) {
+        return Err(format!(
+            "a campaign name is 1..{MAX_CAMPAIGN} characters, got {n}"
+        ));
+    }
+    if s.chars().any(char::is_control) || s.trim() != s {
+        return Err(
+            "a campaign name has no control characters and no blanks at either end".to_owned(),
+        );
+    }
+    Ok(s.to_owned())
 }
 
 /// Requests per message unless `--batch-size` says otherwise.
@@ -72,6 +112,21 @@ const CSV_COLUMNS: [&str; 6] = [
     "requested_by",
 ];
 
+/// The SHA-256 of an input, in hex. The campaign records each input by it.
+pub fn input_sha256(text: &str) -> String {
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// `enq-<first 16 hex digits of the input's SHA-256>`: the prefix of the
+/// input's derived request ids, and the campaign of an enqueue without
+/// `--campaign`. Re-enqueueing the same file is the same campaign.
+pub fn derived_campaign_id(text: &str) -> String {
+    format!("enq-{}", &input_sha256(text)[..16])
+}
+
 /// Parse the whole input. Lines without a request_id get
 /// `enq-<hash of the input>-<line>`: enqueueing the same file twice makes
 /// the same ids, which the daemon skips rather than sends twice.
@@ -80,8 +135,7 @@ pub fn parse_input(
     format: InputFormat,
     default_requested_by: &str,
 ) -> Result<(Vec<TerminationRequest>, Vec<BadLine>), ConfigError> {
-    let digest = Sha256::digest(text.as_bytes());
-    let source: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let source = derived_campaign_id(text);
     let lines = match format {
         InputFormat::Jsonl => jsonl_objects(text),
         InputFormat::Csv => csv_objects(text)?,
@@ -98,7 +152,7 @@ pub fn parse_input(
         };
         object
             .entry("request_id")
-            .or_insert_with(|| format!("enq-{source}-{line}").into());
+            .or_insert_with(|| format!("{source}-{line}").into());
         object
             .entry("requested_by")
             .or_insert_with(|| default_requested_by.into());
@@ -237,6 +291,7 @@ pub async fn run(args: EnqueueArgs) -> anyhow::Result<Enqueued> {
         }
     };
     let settings = args.broker.settings()?;
+    let database = args.database.settings()?;
     let mut text = String::new();
     if stdin {
         std::io::stdin().read_to_string(&mut text)?;
@@ -245,7 +300,15 @@ pub async fn run(args: EnqueueArgs) -> anyhow::Result<Enqueued> {
             .map_err(|e| ConfigError(format!("cannot read {}: {e}", args.file.display())))?;
     }
     let requested_by = args.requested_by.clone().unwrap_or_else(login_name);
-    let (requests, bad) = parse_input(&text, format, &requested_by)?;
+    let (mut requests, bad) = parse_input(&text, format, &requested_by)?;
+    let campaign = args
+        .campaign
+        .clone()
+        .unwrap_or_else(|| derived_campaign_id(&text));
+    // The enqueue's campaign is every request's, whatever a line said.
+    for r in &mut requests {
+        r.campaign_id = Some(campaign.clone());
+    }
     for b in bad.iter().take(100) {
         note!("line {}: {}", b.line, b.error);
     }
@@ -262,14 +325,34 @@ pub async fn run(args: EnqueueArgs) -> anyhow::Result<Enqueued> {
     }
     if args.dry_run {
         note!(
-            "dry run: {} request(s) valid, {} bad line(s) skipped; nothing published",
+            "dry run: {} request(s) valid, {} bad line(s) skipped, campaign {campaign}; nothing published",
             requests.len(),
             bad.len()
         );
         return Ok(Enqueued::Published);
     }
     let started = Instant::now();
+    // The broker first: a campaign is recorded only when its requests can go out.
     let admin = Admin::open(&settings).await?;
+    if !requests.is_empty() {
+        let source = if stdin {
+            "stdin".to_owned()
+        } else {
+            args.file.display().to_string()
+        };
+        let new = NewCampaign {
+            id: &campaign,
+            requested_by: &requested_by,
+            source: &source,
+            input_sha256: &input_sha256(&text),
+            request_count: requests.len() as i64,
+            note: args.note.as_deref(),
+        };
+        if let Err(e) = record_campaign(&database, &new).await {
+            admin.close().await;
+            return Err(e.into());
+        }
+    }
     let mut progress = Progress::new(requests.len(), "published");
     let result = publish_batches(
         &admin,
@@ -285,7 +368,7 @@ pub async fn run(args: EnqueueArgs) -> anyhow::Result<Enqueued> {
     let published = requests.len();
     let secs = started.elapsed().as_secs_f64();
     note!(
-        "published {published} request(s) in {messages} message(s) to {} in {secs:.1}s ({:.0}/s){}",
+        "published {published} request(s) in {messages} message(s) to {} in {secs:.1}s ({:.0}/s), campaign {campaign}{}",
         settings.queue,
         published as f64 / secs.max(1e-3),
         if bad.is_empty() {
@@ -295,6 +378,36 @@ pub async fn run(args: EnqueueArgs) -> anyhow::Result<Enqueued> {
         }
     );
     Ok(Enqueued::Published)
+}
+
+/// Record the campaign before anything is published, so `report --campaign`
+/// knows its total from the first outcome on. A database that has no campaign
+/// table is the wrong database (or not migrated): a setting to fix, refused
+/// before anything goes out. A database that does not answer is an outage,
+/// which must not hold up a cancellation: one warning line, and the publish
+/// goes ahead (the requests still carry campaign_id; enqueueing the same input
+/// again later records the campaign, and the daemon skips the repeats).
+async fn record_campaign(
+    database: &crate::settings::DatabaseSettings,
+    new: &NewCampaign<'_>,
+) -> Result<(), ConfigError> {
+    match campaigns::record(database, new, RECORD_LIMIT).await {
+        Ok(r) if r.input_seen_before => note!(
+            "campaign {}: this input was enqueued into it before and is not counted again; {} request(s) in all",
+            new.id,
+            r.request_count
+        ),
+        Ok(r) => note!("campaign {}: {} request(s) in all", new.id, r.request_count),
+        Err(e @ (CampaignError::NotMigrated(_) | CampaignError::Settings(_))) => {
+            return Err(ConfigError(e.to_string()));
+        }
+        Err(e) => note!(
+            "warning: campaign {} not recorded ({}); publishing anyway: enqueue the same input again to record it",
+            new.id,
+            cause_chain(&e)
+        ),
+    }
+    Ok(())
 }
 
 /// Publish `requests` to `queue` as batch messages of `batch_size`

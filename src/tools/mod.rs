@@ -1,8 +1,10 @@
-//! The operator tools: `enqueue` starts a mass cancellation, `report` says
-//! what happened, `dead-letters` lists and replays what could not be done.
+//! The operator tools: `enqueue` starts a mass cancellation (a campaign),
+//! `report` says what happened (`campaigns`: how one campaign is going),
+//! `dead-letters` lists and replays what could not be done.
 //! Data goes to standard output, everything else to standard error
 //! (`output`).
 
+pub mod campaigns;
 pub mod dead_letters;
 pub mod enqueue;
 pub mod output;

@@ -34,6 +34,17 @@ pub struct ReportArgs {
     /// ready to feed back to `enqueue` as new requests.
     #[arg(long)]
     pub failed: bool,
+    /// One campaign: total, done, pending, by outcome and error code, the
+    /// rate over the last minute and an ETA. With `--failed`, its failures.
+    #[arg(long, conflicts_with_all = ["since", "workflow", "requested_by"])]
+    pub campaign: Option<String>,
+    /// The recent campaigns and their progress.
+    #[arg(long, conflicts_with_all = ["campaign", "failed", "since", "workflow", "requested_by"])]
+    pub campaigns: bool,
+    /// Redraw the `--campaign` report every 2 s until the campaign is done
+    /// (or Ctrl-C). Needs a terminal.
+    #[arg(long, requires = "campaign", conflicts_with_all = ["format", "failed"])]
+    pub watch: bool,
     /// RabbitMQ management API, for the unacked count (credentials from AMQP_URL).
     #[arg(
         long,
@@ -93,14 +104,26 @@ impl ReportArgs {
                 .map(|d| Utc::now() - d),
             workflow: self.workflow.clone(),
             requested_by: self.requested_by.clone(),
-            campaign: None,
+            campaign: self.campaign.clone(),
         }
+    }
+
+    /// `--format`, else a table on a terminal and JSON otherwise.
+    pub(super) fn format(&self) -> ReportFormat {
+        self.format.unwrap_or(if std::io::stdout().is_terminal() {
+            ReportFormat::Table
+        } else {
+            ReportFormat::Json
+        })
     }
 }
 
 /// Write the report (or, with `--failed`, the failed requests) to `out`.
 pub async fn run(args: ReportArgs, out: &mut impl Write) -> anyhow::Result<()> {
     let database = args.database.settings()?;
+    if args.campaigns || (args.campaign.is_some() && !args.failed) {
+        return super::campaigns::run(&args, &database, out).await;
+    }
     // The broker's settings are checked before anything connects, but only
     // where the queue is counted.
     let broker = if args.failed {
@@ -125,12 +148,7 @@ pub async fn run(args: ReportArgs, out: &mut impl Write) -> anyhow::Result<()> {
         summary,
         pending,
     };
-    let format = args.format.unwrap_or(if std::io::stdout().is_terminal() {
-        ReportFormat::Table
-    } else {
-        ReportFormat::Json
-    });
-    let text = match format {
+    let text = match args.format() {
         ReportFormat::Json => serde_json::to_string_pretty(&report)? + "\n",
         ReportFormat::Csv => to_csv(&report),
         ReportFormat::Table => to_table(&report),
@@ -214,7 +232,7 @@ fn to_csv(r: &Report) -> String {
 }
 
 /// Columns padded to their widest cell.
-fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+pub(super) fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for r in rows {
         for (w, cell) in widths.iter_mut().zip(r) {

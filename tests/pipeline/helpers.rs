@@ -388,6 +388,21 @@ impl TestEnv {
         out
     }
 
+    /// Apply the audit migrations, as the daemon does at start (`enqueue`
+    /// records its campaign in a table they create).
+    pub async fn migrate(&self) {
+        let settings = aom_terminator::settings::DatabaseArgs {
+            database_url: self.database_url.clone().into(),
+        }
+        .settings()
+        .expect("test database settings");
+        aom_terminator::audit::Audit::new(&settings, 1)
+            .expect("audit")
+            .migrate()
+            .await
+            .expect("migrate the test database");
+    }
+
     pub async fn count(&self, sql: &str) -> i64 {
         sqlx::query_scalar::<_, i64>(sql)
             .fetch_one(&self.db)

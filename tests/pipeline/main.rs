@@ -2,6 +2,7 @@
 
 mod auth;
 mod binary;
+mod campaigns;
 mod demo;
 mod helpers;
 mod manners;

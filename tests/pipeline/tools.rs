@@ -6,7 +6,7 @@ use std::process::Stdio;
 use tokio::io::AsyncWriteExt;
 
 /// A file in a directory of its own, removed with it when dropped.
-struct TempFile {
+pub struct TempFile {
     dir: std::path::PathBuf,
     path: std::path::PathBuf,
 }
@@ -24,7 +24,7 @@ impl Drop for TempFile {
     }
 }
 
-fn write_file(name: &str, text: &str) -> TempFile {
+pub fn write_file(name: &str, text: &str) -> TempFile {
     let dir = std::env::temp_dir().join(format!("aomt-tools-{:x}", fastrand::u64(..)));
     std::fs::create_dir_all(&dir).expect("dir");
     let path = dir.join(name);
@@ -32,7 +32,7 @@ fn write_file(name: &str, text: &str) -> TempFile {
     TempFile { dir, path }
 }
 
-async fn enqueue(env: &TestEnv, args: &[&str], stdin: Option<&str>) -> (Option<i32>, String) {
+pub async fn enqueue(env: &TestEnv, args: &[&str], stdin: Option<&str>) -> (Option<i32>, String) {
     let mut cmd = binary();
     cmd.arg("enqueue")
         .args(args)
@@ -54,6 +54,7 @@ async fn enqueue(env: &TestEnv, args: &[&str], stdin: Option<&str>) -> (Option<i
 #[tokio::test]
 async fn enqueue_checks_every_line_before_publishing() {
     let env = TestEnv::new().await;
+    env.migrate().await;
     let csv = format!(
         "project_id,workflow_id,execution_id,reason\n\
          {PROJECT},wf-a,ex-1,cleanup\n\
@@ -132,6 +133,7 @@ async fn enqueue_checks_every_line_before_publishing() {
 #[tokio::test]
 async fn enqueue_publishes_a_hundred_thousand_lines() {
     let env = TestEnv::new().await;
+    env.migrate().await;
     let mut csv = String::from("project_id,workflow_id,execution_id\n");
     for i in 0..100_000 {
         csv.push_str(&format!("{PROJECT},wf-big,ex-{i}\n"));
