@@ -247,6 +247,11 @@ impl Sandbox {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone(),
+            calls_by_host: stats
+                .by_host
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
         }
     }
 
@@ -315,6 +320,11 @@ impl Sandbox {
         let stats = &self.inner.stats;
         stats
             .per_key
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+        stats
+            .by_host
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clear();
