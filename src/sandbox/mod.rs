@@ -237,6 +237,11 @@ impl Sandbox {
             in_flight: stats.in_flight.load(Ordering::Relaxed),
             max_in_flight: stats.max_in_flight.load(Ordering::Relaxed),
             iam_calls: self.inner.identity.iam_calls.load(Ordering::Relaxed),
+            iam_project_lookups: self
+                .inner
+                .identity
+                .iam_project_lookups
+                .load(Ordering::Relaxed),
             answer_micros: stats.answer_micros.load(Ordering::Relaxed),
             queued: stats.queued.load(Ordering::Relaxed),
             max_queued: stats.max_queued.load(Ordering::Relaxed),

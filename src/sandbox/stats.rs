@@ -43,6 +43,9 @@ pub struct SandboxStats {
     /// sandbox answers every host alike; this says where a client meant to send a call.
     #[serde(default)]
     pub calls_by_host: BTreeMap<String, u64>,
+    /// Project look-ups (`GET /v3/projects/{project_id}`) the fake IAM answered.
+    #[serde(default)]
+    pub iam_project_lookups: u64,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
