@@ -93,8 +93,9 @@ impl TerminateClient {
     /// `ca_pem`: CAs trusted besides the system's roots (AOM_CA_FILE), for
     /// the API and IAM alike. Proxies come from `HTTPS_PROXY`, `HTTP_PROXY`
     /// and `NO_PROXY`, as reqwest reads them; none by default.
-    pub fn new(
-        endpoint: impl Into<AomEndpoint>,
+    /// `endpoint`: an [`AomEndpoint`], or a plain URL (a fixed endpoint).
+    pub fn new<E: Clone + Into<AomEndpoint>>(
+        endpoint: &E,
         auth: &AuthSettings,
         timeout: Duration,
         pool: usize,
@@ -120,7 +121,7 @@ impl TerminateClient {
         let auth = Auth::new(auth, http.clone())?;
         Ok(Self {
             http,
-            router: Arc::new(Router::new(endpoint.into())),
+            router: Arc::new(Router::new(endpoint.clone().into())),
             auth,
         })
     }

@@ -60,7 +60,7 @@ fn iam(iam: &RunningSandbox, password: &str, home: Option<ProjectScope>) -> Auth
 }
 
 fn client(endpoint: AomEndpoint, auth: &AuthSettings) -> TerminateClient {
-    TerminateClient::new(endpoint, auth, Duration::from_secs(5), 4, None).expect("client")
+    TerminateClient::new(&endpoint, auth, Duration::from_secs(5), 4, None).expect("client")
 }
 
 fn fixed(sb: &RunningSandbox) -> AomEndpoint {

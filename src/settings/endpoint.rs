@@ -128,18 +128,6 @@ impl From<url::Url> for AomEndpoint {
     }
 }
 
-impl From<&url::Url> for AomEndpoint {
-    fn from(url: &url::Url) -> Self {
-        Self::from(url.clone())
-    }
-}
-
-impl From<&AomEndpoint> for AomEndpoint {
-    fn from(endpoint: &AomEndpoint) -> Self {
-        endpoint.clone()
-    }
-}
-
 /// `<project_id>=<region>,…`; empty: none.
 fn parse_project_regions(s: &str) -> Result<HashMap<ProjectId, Region>, ConfigError> {
     let fail = |why: String| ConfigError(format!("AOM_PROJECT_REGIONS: {why}"));

@@ -152,8 +152,11 @@ async fn aksk_signs_each_project_and_regional_host() {
     for i in 0..3 {
         env.publish(&request_in(A, &format!("a{i}"), None), None)
             .await;
-        env.publish(&request_in(B, &format!("b{i}"), Some("ap-southeast-1")), None)
-            .await;
+        env.publish(
+            &request_in(B, &format!("b{i}"), Some("ap-southeast-1")),
+            None,
+        )
+        .await;
     }
     let mut vars = env.binary_env_without_auth();
     vars.extend([
@@ -166,7 +169,10 @@ async fn aksk_signs_each_project_and_regional_host() {
     assert_eq!(succeeded(&env).await, 6, "every signature checked out");
     let stats = env.sandbox.sandbox().stats();
     assert_eq!(stats.by_status.get(&401), None);
-    assert_eq!(stats.calls_by_host.get("aom.cn-north-4.example.test"), Some(&3));
+    assert_eq!(
+        stats.calls_by_host.get("aom.cn-north-4.example.test"),
+        Some(&3)
+    );
     assert_eq!(
         stats.calls_by_host.get("aom.ap-southeast-1.example.test"),
         Some(&3)
@@ -243,8 +249,51 @@ async fn iam_user_covering_a_and_b_but_not_c_gets_a_and_b_done_and_c_held() {
     assert_eq!(stats.iam_calls_by_project.get(A), Some(&1), "{stats:?}");
     assert_eq!(stats.iam_calls_by_project.get(B), Some(&1), "{stats:?}");
     assert!(
-        (0..5).all(|i| env.sandbox.sandbox().calls_for(C, "wf-test", &format!("ex-c{i}")) == 0),
+        (0..5).all(|i| env
+            .sandbox
+            .sandbox()
+            .calls_for(C, "wf-test", &format!("ex-c{i}"))
+            == 0),
         "the API never saw C"
     );
     daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_misplaced_region_template_or_a_bad_project_region_exits_2_in_one_line() {
+    let cases = [
+        (
+            "https://aom.example.com/{region}/",
+            "",
+            "AOM_ENDPOINT: {region} may stand once, in the host name only",
+        ),
+        (
+            "https://aom.{zone}.example.com",
+            "",
+            "the only placeholder is {region}",
+        ),
+        (
+            TEMPLATE,
+            "0123456789abcdef0123456789abcdef=North_4",
+            "AOM_PROJECT_REGIONS: region must be lowercase",
+        ),
+        (TEMPLATE, "p1=cn-north-4", "AOM_PROJECT_REGIONS: project_id"),
+        (
+            "https://aom.example.com",
+            "0123456789abcdef0123456789abcdef=cn-north-4",
+            "AOM_ENDPOINT has no {region}",
+        ),
+    ];
+    for (endpoint, regions, want) in cases {
+        assert_refused_in_one_line(
+            &[
+                ("AOM_ENDPOINT", endpoint),
+                ("AOM_PROJECT_REGIONS", regions),
+                ("AOM_AUTH_TOKEN", "tok-never-shown"),
+            ],
+            want,
+            "tok-never-shown",
+        )
+        .await;
+    }
 }
