@@ -6,6 +6,10 @@
 //! daemon (the real binary) sends its calls through the sandbox as its HTTP
 //! proxy, which serves them by path and counts the Host each was meant for.
 
+use crate::auth::{
+    AK, IAM_DOMAIN, IAM_PASSWORD, IAM_USER, SK, aksk_sandbox, iam_flags_with_home,
+    iam_sandbox as iam_account, refs, succeeded,
+};
 use crate::helpers::*;
 use aom_terminator::sandbox::{SandboxArgs, parse_project_list, parse_project_regions};
 use std::collections::BTreeMap;
@@ -14,11 +18,6 @@ use std::time::Duration;
 const A: &str = PROJECT;
 const B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
 const C: &str = "cccccccccccccccccccccccccccccccc";
-const IAM_USER: &str = "ops-bot";
-const IAM_PASSWORD: &str = "iam-pa55-word-4d2b";
-const IAM_DOMAIN: &str = "acme";
-const AK: &str = "AKSANDBOXEXAMPLE0002";
-const SK: &str = "sk-sandbox-secret-9e1f";
 const TEMPLATE: &str = "http://aom.{region}.example.test";
 
 fn request_in(project: &str, request_id: &str, region: Option<&str>) -> String {
@@ -38,13 +37,10 @@ fn request_in(project: &str, request_id: &str, region: Option<&str>) -> String {
 /// and whose IAM knows A in cn-north-4 and B in ap-southeast-1.
 fn iam_sandbox(covered: Option<&str>) -> SandboxArgs {
     SandboxArgs {
-        iam_user: Some(IAM_USER.to_owned()),
-        iam_password: Some(IAM_PASSWORD.to_owned()),
-        iam_domain: Some(IAM_DOMAIN.to_owned()),
         iam_user_projects: covered.map(|c| parse_project_list(c).expect("projects")),
         project_regions: parse_project_regions(&format!("{A}=cn-north-4,{B}=ap-southeast-1"))
             .expect("regions"),
-        ..SandboxArgs::default()
+        ..iam_account(Duration::from_secs(24 * 3600))
     }
 }
 
@@ -89,11 +85,6 @@ fn route(region: &str) -> (Option<String>, Option<String>) {
         Some(region.to_owned()),
         Some(format!("aom.{region}.example.test")),
     )
-}
-
-async fn succeeded(env: &TestEnv) -> i64 {
-    env.count("SELECT count(*) FROM termination_outcomes WHERE outcome = 'succeeded'")
-        .await
 }
 
 #[tokio::test]
@@ -143,12 +134,7 @@ async fn two_regions_through_the_template_by_request_field_and_by_iam_lookup() {
 
 #[tokio::test]
 async fn aksk_signs_each_project_and_regional_host() {
-    let env = TestEnv::with_sandbox(SandboxArgs {
-        ak: Some(AK.to_owned()),
-        sk: Some(SK.to_owned()),
-        ..SandboxArgs::default()
-    })
-    .await;
+    let env = TestEnv::with_sandbox(aksk_sandbox()).await;
     for i in 0..3 {
         env.publish(&request_in(A, &format!("a{i}"), None), None)
             .await;
@@ -217,21 +203,8 @@ async fn iam_user_covering_a_and_b_but_not_c_gets_a_and_b_done_and_c_held() {
         env.publish(&request_in(B, &format!("b{i}"), None), None)
             .await;
     }
-    let daemon = env.start_daemon_with_auth(
-        &[
-            "--iam-endpoint",
-            &env.sandbox.base_url(),
-            "--iam-user",
-            IAM_USER,
-            "--iam-password",
-            IAM_PASSWORD,
-            "--iam-domain",
-            IAM_DOMAIN,
-            "--iam-project-id",
-            A,
-        ],
-        &[],
-    );
+    let flags = iam_flags_with_home(&env, "--iam-project-id", A);
+    let daemon = env.start_daemon_with_auth(&refs(&flags), &[]);
     env.wait_outcomes(40).await;
     assert_eq!(succeeded(&env).await, 40, "A and B all done");
     // C is probed on its schedule (IAM asked again), and still has no verdict.
