@@ -79,7 +79,7 @@ impl Router {
                 Auth::Iam(iam) => self.learn(&req.project_id, iam).await?,
                 _ => {
                     return Err(CallError::Unroutable(format!(
-                        "no region for project {}: the request has no `region`, \
+                        "no region for project {}: the request has no region field, \
                          AOM_PROJECT_REGIONS has none for it, and only IAM mode can look it up",
                         req.project_id
                     )));
