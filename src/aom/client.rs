@@ -4,13 +4,15 @@
 
 use super::auth::{Auth, AuthError, CallInfo};
 use super::classify::{classify_answer, classify_transport_error};
+use super::route::{Route, Router};
 use crate::domain::{Attempt, TerminationRequest};
-use crate::settings::AuthSettings;
+use crate::settings::{AomEndpoint, AuthSettings};
 use crate::telemetry::tls_failure;
 use chrono::Utc;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::Url;
 use reqwest::header::{CONTENT_TYPE, HeaderValue};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// RFC 3986 path segment: everything but the unreserved characters is
@@ -35,35 +37,52 @@ pub enum ApiError {
     Auth(#[from] AuthError),
 }
 
-/// Why a call could not be made or could not be trusted: a fault of the
-/// configuration, not a verdict on the request. The dispatcher pauses on it
-/// as on a 401, probes, and resumes by itself.
+/// Why a call could not be made or could not be trusted. No HTTP call to
+/// the API was made for any of these.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CallError {
+    /// A fault of the configuration (or IAM out of reach), not a verdict on
+    /// the request: the dispatcher pauses on it as on a 401, probes, and
+    /// resumes by itself.
     #[error("no credentials for the AOM API: {0}")]
-    Auth(#[from] AuthError),
+    Auth(AuthError),
     #[error("TLS with the AOM API at {host} failed: {why}")]
     Tls { host: String, why: String },
-    /// The credentials cannot cover this project (no call made).
+    /// The credentials cannot cover this project (a static token declared
+    /// for another, or IAM refusing to scope a token to it): the dispatcher
+    /// holds this project only, and probes it by calling again.
     #[error("the credentials do not cover project {project}: {why}")]
     NotCovered { project: String, why: String },
-    /// The request's region cannot be found (no call made).
+    /// The endpoint has `{region}` and the request's region cannot be found:
+    /// a verdict on the request (`rejected`, with this reason).
     #[error("{0}")]
     Unroutable(String),
 }
 
+impl From<AuthError> for CallError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::NotCovered { project, why } => CallError::NotCovered { project, why },
+            other => CallError::Auth(other),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct TerminateClient {
+    /// One client for every host: it keeps a connection pool per host, so
+    /// regions do not share (or starve) each other's connections.
     http: reqwest::Client,
-    /// The endpoint, parsed once; each call's URL is a copy with its path.
-    base: Url,
+    /// The endpoint, parsed once; each call's URL is a copy of its region's
+    /// base with the call's path.
+    router: Arc<Router>,
     auth: Auth,
 }
 
 impl std::fmt::Debug for TerminateClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TerminateClient")
-            .field("base", &self.base)
+            .field("endpoint", &self.router.endpoint().as_str())
             .finish_non_exhaustive()
     }
 }
@@ -74,8 +93,9 @@ impl TerminateClient {
     /// `ca_pem`: CAs trusted besides the system's roots (AOM_CA_FILE), for
     /// the API and IAM alike. Proxies come from `HTTPS_PROXY`, `HTTP_PROXY`
     /// and `NO_PROXY`, as reqwest reads them; none by default.
-    pub fn new(
-        endpoint: &Url,
+    /// `endpoint`: an [`AomEndpoint`], or a plain URL (a fixed endpoint).
+    pub fn new<E: Clone + Into<AomEndpoint>>(
+        endpoint: &E,
         auth: &AuthSettings,
         timeout: Duration,
         pool: usize,
@@ -101,22 +121,27 @@ impl TerminateClient {
         let auth = Auth::new(auth, http.clone())?;
         Ok(Self {
             http,
-            base: endpoint.clone(),
+            router: Arc::new(Router::new(endpoint.clone().into())),
             auth,
         })
     }
 
-    /// The terminate route under the endpoint (and its path prefix, if any).
+    /// Where `req` goes: its region's base URL (see [`super::route`]).
+    pub async fn route(&self, req: &TerminationRequest) -> Result<Route, CallError> {
+        self.router.route(req, &self.auth).await
+    }
+
+    /// The terminate route under `base` (and its path prefix, if any).
     /// Only the path is built per call: the host is not parsed again.
-    pub fn url_for(&self, req: &TerminationRequest) -> Url {
+    pub fn url_for(base: &Url, req: &TerminationRequest) -> Url {
         let path = format!(
             "{}/v1/{}/cms/workflow/{}/executions/{}/terminate",
-            self.base.path().trim_end_matches('/'),
+            base.path().trim_end_matches('/'),
             utf8_percent_encode(req.project_id.as_str(), PATH_SEGMENT),
             utf8_percent_encode(req.workflow_id.as_str(), PATH_SEGMENT),
             utf8_percent_encode(req.execution_id.as_str(), PATH_SEGMENT),
         );
-        let mut url = self.base.clone();
+        let mut url = base.clone();
         url.set_path(&path);
         url
     }
@@ -126,10 +151,13 @@ impl TerminateClient {
     }
 
     /// One attempt. A network error is an attempt too; a credential that
-    /// cannot be had (IAM refusing, say) fails with no call made, and so
-    /// does a TLS failure (an unknown CA, a name that does not match).
+    /// cannot be had (IAM refusing, say), a project the credentials do not
+    /// cover and a region that cannot be found fail with no call made, and
+    /// so does a TLS failure (an unknown CA, a name that does not match).
     pub async fn terminate(&self, req: &TerminationRequest) -> Result<Attempt, CallError> {
-        let parsed = self.url_for(req);
+        let route = self.route(req).await?;
+        let parsed = Self::url_for(&route.base, req);
+        let host = parsed.host_str().unwrap_or_default().to_owned();
         let credential = self
             .auth
             .credential(&CallInfo {
@@ -167,17 +195,13 @@ impl TerminateClient {
                 classify_answer(status, &headers, &body, started_at, latency)
             }
             Err(e) => match tls_failure(&e) {
-                Some(why) => {
-                    return Err(CallError::Tls {
-                        host: self.base.host_str().unwrap_or_default().to_owned(),
-                        why,
-                    });
-                }
+                Some(why) => return Err(CallError::Tls { host, why }),
                 None => classify_transport_error(&e, started_at, latency),
             },
         };
         attempt.auth_generation = credential.generation;
-        attempt.endpoint_host = self.base.host_str().map(str::to_owned);
+        attempt.region = route.region.map(|r| r.as_str().to_owned());
+        attempt.endpoint_host = Some(host);
         Ok(attempt)
     }
 }
@@ -204,7 +228,7 @@ mod tests {
     fn ids_are_percent_encoded_path_segments() {
         let client = TerminateClient::new(
             &Url::parse("https://aom.example.com/prefix/").expect("url"),
-            &AuthSettings::Token(secrecy::SecretString::from("t")),
+            &AuthSettings::Token("t".to_owned().into()),
             Duration::from_secs(1),
             1,
             None,
@@ -221,8 +245,9 @@ mod tests {
             region: None,
             campaign_id: None,
         };
+        let base = Url::parse("https://aom.example.com/prefix/").expect("url");
         assert_eq!(
-            client.url_for(&req).as_str(),
+            TerminateClient::url_for(&base, &req).as_str(),
             "https://aom.example.com/prefix/v1/0123456789abcdef0123456789abcdef/cms/workflow/\
              wf%2F..%2Fx%20y/executions/ex%3Fa%3D1%23%C3%A9/terminate"
         );

@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod classify;
 mod client;
+pub mod route;
 
 pub use client::{ApiError, CallError, TerminateClient};
 
@@ -13,3 +14,6 @@ pub use client::{ApiError, CallError, TerminateClient};
 /// verification at ERROR, and the daemon logs a TLS failure with the API once
 /// itself (as the cause of its pause).
 pub const QUIET_LOGS: &str = "rustls_platform_verifier=off";
+
+#[cfg(test)]
+mod tests;

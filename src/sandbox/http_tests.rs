@@ -298,7 +298,7 @@ async fn iam_tokens_cover_the_project_they_are_scoped_to() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn any_region_host_name_is_served() {
+async fn any_region_host_name_is_served_and_counted() {
     let running = start(SandboxArgs::default()).await;
     let addr = running.local_addr();
     let r = raw(
@@ -314,5 +314,38 @@ async fn any_region_host_name_is_served() {
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
+    // As an HTTP proxy: the target in absolute form, routed by its path.
+    let absolute = format!(
+        "http://aom.ap-southeast-1.example.test{}",
+        terminate_path(PROJECT, "wf-1", "exec-2")
+    );
+    let r = raw(
+        addr,
+        "POST",
+        &absolute,
+        &[
+            ("Host", "aom.ap-southeast-1.example.test"),
+            JSON,
+            ("X-Auth-Token", "t"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let by_host: Vec<(String, u64)> = running
+        .sandbox()
+        .stats()
+        .calls_by_host
+        .into_iter()
+        .collect();
+    assert_eq!(
+        by_host,
+        [
+            ("aom.ap-southeast-1.example.test".to_owned(), 1),
+            ("aom.cn-north-4.myhuaweicloud.com".to_owned(), 1)
+        ]
+    );
+    running.sandbox().reset_stats();
+    assert!(running.sandbox().stats().calls_by_host.is_empty());
     running.shutdown().await;
 }

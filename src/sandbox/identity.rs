@@ -56,6 +56,7 @@ pub struct Identity {
     iam_available: AtomicBool,
     issued: Mutex<HashMap<Box<str>, Issued>>,
     pub iam_calls: AtomicU64,
+    pub iam_project_lookups: AtomicU64,
     pub iam_calls_by_project: Mutex<BTreeMap<String, u64>>,
     aksk: Option<(String, String)>,
 }
@@ -76,6 +77,7 @@ impl Identity {
             iam_available: AtomicBool::new(true),
             issued: Mutex::new(HashMap::new()),
             iam_calls: AtomicU64::new(0),
+            iam_project_lookups: AtomicU64::new(0),
             iam_calls_by_project: Mutex::new(BTreeMap::new()),
             aksk,
         }
@@ -148,6 +150,7 @@ impl Identity {
     /// `GET /v3/projects/{project_id}`, as IAM answers it: the project and its region
     /// (its name), for a caller with a valid token.
     pub fn show_project(&self, headers: &HeaderMap, project_id: &str) -> Response {
+        self.iam_project_lookups.fetch_add(1, Ordering::Relaxed);
         let Some(account) = &self.iam else {
             return keystone_error(
                 StatusCode::NOT_FOUND,
@@ -203,6 +206,7 @@ impl Identity {
     /// Zeroes the IAM counters.
     pub fn reset_counts(&self) {
         self.iam_calls.store(0, Ordering::Relaxed);
+        self.iam_project_lookups.store(0, Ordering::Relaxed);
         self.iam_calls_by_project
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

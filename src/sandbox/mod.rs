@@ -237,6 +237,11 @@ impl Sandbox {
             in_flight: stats.in_flight.load(Ordering::Relaxed),
             max_in_flight: stats.max_in_flight.load(Ordering::Relaxed),
             iam_calls: self.inner.identity.iam_calls.load(Ordering::Relaxed),
+            iam_project_lookups: self
+                .inner
+                .identity
+                .iam_project_lookups
+                .load(Ordering::Relaxed),
             answer_micros: stats.answer_micros.load(Ordering::Relaxed),
             queued: stats.queued.load(Ordering::Relaxed),
             max_queued: stats.max_queued.load(Ordering::Relaxed),
@@ -244,6 +249,11 @@ impl Sandbox {
                 .inner
                 .identity
                 .iam_calls_by_project
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+            calls_by_host: stats
+                .by_host
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone(),
@@ -315,6 +325,11 @@ impl Sandbox {
         let stats = &self.inner.stats;
         stats
             .per_key
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+        stats
+            .by_host
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clear();

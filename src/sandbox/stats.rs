@@ -38,6 +38,14 @@ pub struct SandboxStats {
     /// name when scoped by name).
     #[serde(default)]
     pub iam_calls_by_project: BTreeMap<String, u64>,
+    /// Terminate calls by the host they were addressed to (the `Host` header, else the
+    /// authority of an absolute-form target), port included when one was given. The
+    /// sandbox answers every host alike; this says where a client meant to send a call.
+    #[serde(default)]
+    pub calls_by_host: BTreeMap<String, u64>,
+    /// Project look-ups (`GET /v3/projects/{project_id}`) the fake IAM answered.
+    #[serde(default)]
+    pub iam_project_lookups: u64,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -59,6 +67,7 @@ pub(super) struct Stats {
     pub(super) by_status: [AtomicU64; 500],
     /// Key: [`execution_key`].
     pub(super) per_key: Mutex<HashMap<Box<[u8]>, KeyCounts>>,
+    pub(super) by_host: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Stats {
@@ -72,6 +81,18 @@ impl Stats {
             max_queued: AtomicU64::new(0),
             by_status: std::array::from_fn(|_| AtomicU64::new(0)),
             per_key: Mutex::new(HashMap::new()),
+            by_host: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Counts a terminate call addressed to `host`.
+    pub(super) fn count_host(&self, host: &str) {
+        let mut map = self.by_host.lock().unwrap_or_else(PoisonError::into_inner);
+        match map.get_mut(host) {
+            Some(n) => *n += 1,
+            None => {
+                map.insert(host.to_owned(), 1);
+            }
         }
     }
 

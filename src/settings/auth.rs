@@ -3,6 +3,7 @@
 //! adapter's `auth` module turns them into credentials.
 
 use super::{ConfigError, seconds, secret};
+use crate::domain::ProjectId;
 use clap::Args;
 use secrecy::{ExposeSecret, SecretString};
 use std::path::{Path, PathBuf};
@@ -19,6 +20,10 @@ pub struct AuthArgs {
     /// File holding the token; re-read when it changes (a mounted secret).
     #[arg(long, env = "AOM_AUTH_TOKEN_FILE")]
     pub aom_auth_token_file: Option<PathBuf>,
+    /// The one project the token (or token file) covers; requests for other
+    /// projects are held without a call. Unset: the token is tried for all.
+    #[arg(long, env = "AOM_AUTH_TOKEN_PROJECT_ID")]
+    pub aom_auth_token_project_id: Option<String>,
     /// IAM endpoint, e.g. https://iam.cn-north-4.myhuaweicloud.com
     #[arg(long, env = "IAM_ENDPOINT")]
     pub iam_endpoint: Option<String>,
@@ -31,10 +36,11 @@ pub struct AuthArgs {
     /// IAM domain (account) name.
     #[arg(long, env = "IAM_DOMAIN")]
     pub iam_domain: Option<String>,
-    /// Project scope by name (e.g. cn-north-4).
+    /// The project (by name, e.g. cn-north-4) of the first token and of the
+    /// credential check; tokens for other projects are obtained by id.
     #[arg(long, env = "IAM_PROJECT_NAME")]
     pub iam_project_name: Option<String>,
-    /// Project scope by id.
+    /// The project (by id) of the first token and of the credential check.
     #[arg(long, env = "IAM_PROJECT_ID")]
     pub iam_project_id: Option<String>,
     /// Renew the IAM token when less than this is left (`1h`, `600`).
@@ -60,10 +66,35 @@ pub struct AuthArgs {
 /// How the daemon authenticates: exactly one mode.
 #[derive(Debug, Clone)]
 pub enum AuthSettings {
-    Token(SecretString),
-    TokenFile(PathBuf),
+    Token(StaticToken<SecretString>),
+    TokenFile(StaticToken<PathBuf>),
     Iam(IamSettings),
     AkSk(AkSkSettings),
+}
+
+/// A static token (its value, or the file holding it) and the one project it
+/// covers, when declared (`AOM_AUTH_TOKEN_PROJECT_ID`).
+#[derive(Debug, Clone)]
+pub struct StaticToken<T> {
+    pub token: T,
+    /// `None`: the token is tried for every project.
+    pub project: Option<ProjectId>,
+}
+
+impl<T> StaticToken<T> {
+    /// A token declared for no project in particular.
+    pub fn any_project(token: T) -> Self {
+        Self {
+            token,
+            project: None,
+        }
+    }
+}
+
+impl From<String> for StaticToken<SecretString> {
+    fn from(token: String) -> Self {
+        Self::any_project(SecretString::from(token))
+    }
 }
 
 impl AuthSettings {
@@ -101,7 +132,9 @@ pub struct IamSettings {
     pub user: String,
     pub password: SecretString,
     pub domain: String,
-    pub project: ProjectScope,
+    /// The project of the first token and of the credential check
+    /// (`IAM_PROJECT_NAME`/`IAM_PROJECT_ID`); any project gets its own token.
+    pub home: Option<ProjectScope>,
     /// Renew when less than this is left (at most half the token's life).
     pub renew_before: Duration,
 }
@@ -112,7 +145,7 @@ impl std::fmt::Debug for IamSettings {
             .field("endpoint", &self.endpoint.as_str())
             .field("user", &self.user)
             .field("domain", &self.domain)
-            .field("project", &self.project)
+            .field("home", &self.home)
             .field("renew_before", &self.renew_before)
             .finish_non_exhaustive()
     }
@@ -206,11 +239,30 @@ impl AuthArgs {
         security_token: Option<&SecretString>,
     ) -> Result<AuthSettings, ConfigError> {
         let err = |s: &str| Err(ConfigError(s.to_owned()));
+        let token_project = match self.aom_auth_token_project_id.as_deref().map(str::trim) {
+            Some(id) if !id.is_empty() => Some(
+                ProjectId::parse(id)
+                    .map_err(|e| ConfigError(format!("AOM_AUTH_TOKEN_PROJECT_ID: {e}")))?,
+            ),
+            _ => None,
+        };
+        if token_project.is_some()
+            && self.aom_auth_token.is_none()
+            && self.aom_auth_token_file.is_none()
+        {
+            return err(
+                "AOM_AUTH_TOKEN_PROJECT_ID declares the project of AOM_AUTH_TOKEN or \
+                 AOM_AUTH_TOKEN_FILE; set one of them, or unset it",
+            );
+        }
         if let Some(token) = &self.aom_auth_token {
             if let Some(problem) = token_problem(token.expose_secret()) {
                 return Err(ConfigError(format!("AOM_AUTH_TOKEN: {problem}")));
             }
-            return Ok(AuthSettings::Token(token.clone()));
+            return Ok(AuthSettings::Token(StaticToken {
+                token: token.clone(),
+                project: token_project,
+            }));
         }
         if let Some(path) = &self.aom_auth_token_file {
             // Read once now, so that a wrong path is a start-up error.
@@ -220,7 +272,10 @@ impl AuthArgs {
                     path.display()
                 ))
             })?;
-            return Ok(AuthSettings::TokenFile(path.clone()));
+            return Ok(AuthSettings::TokenFile(StaticToken {
+                token: path.clone(),
+                project: token_project,
+            }));
         }
         if let (Some(ak), Some(sk)) = (ak, sk) {
             let access_key = ak.expose_secret().trim().to_owned();
@@ -248,17 +303,19 @@ impl AuthArgs {
             Some(p) if !p.expose_secret().is_empty() => p.clone(),
             _ => return err("IAM authentication needs IAM_PASSWORD"),
         };
-        let project = match (&self.iam_project_name, &self.iam_project_id) {
+        let home = match (&self.iam_project_name, &self.iam_project_id) {
             (Some(_), Some(_)) => {
                 return err("set IAM_PROJECT_NAME or IAM_PROJECT_ID, not both");
             }
-            (Some(name), None) => {
-                ProjectScope::Name(required(&Some(name.clone()), "IAM_PROJECT_NAME")?)
-            }
-            (None, Some(id)) => ProjectScope::Id(required(&Some(id.clone()), "IAM_PROJECT_ID")?),
-            (None, None) => {
-                return err("IAM authentication needs IAM_PROJECT_NAME or IAM_PROJECT_ID");
-            }
+            (Some(name), None) => Some(ProjectScope::Name(required(
+                &Some(name.clone()),
+                "IAM_PROJECT_NAME",
+            )?)),
+            (None, Some(id)) => Some(ProjectScope::Id(required(
+                &Some(id.clone()),
+                "IAM_PROJECT_ID",
+            )?)),
+            (None, None) => None,
         };
         if self.iam_renew_before.is_zero() {
             return err("IAM_RENEW_BEFORE must be above 0");
@@ -268,7 +325,7 @@ impl AuthArgs {
             user: required(&self.iam_user, "IAM_USER")?,
             password,
             domain: required(&self.iam_domain, "IAM_DOMAIN")?,
-            project,
+            home,
             renew_before: self.iam_renew_before,
         }))
     }
@@ -277,6 +334,76 @@ impl AuthArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn auth(argv: &[&str]) -> Result<AuthSettings, ConfigError> {
+        #[derive(clap::Parser)]
+        #[command(no_binary_name = true)]
+        struct Auth {
+            #[command(flatten)]
+            args: AuthArgs,
+        }
+        crate::cli::parse_args_only::<Auth, _, _>(argv.iter().copied())
+            .expect("parses")
+            .args
+            .validate()
+    }
+
+    const P1: &str = "0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn a_static_token_may_declare_its_project() {
+        match auth(&["--aom-auth-token", "t", "--aom-auth-token-project-id", P1]) {
+            Ok(AuthSettings::Token(t)) => {
+                assert_eq!(t.project.as_ref().map(ProjectId::as_str), Some(P1));
+            }
+            other => panic!("{other:?}"),
+        }
+        match auth(&["--aom-auth-token", "t"]) {
+            Ok(AuthSettings::Token(t)) => assert_eq!(t.project, None),
+            other => panic!("{other:?}"),
+        }
+        let msg = auth(&["--aom-auth-token", "t", "--aom-auth-token-project-id", "p1"])
+            .expect_err("not a project id")
+            .0;
+        assert!(msg.starts_with("AOM_AUTH_TOKEN_PROJECT_ID"), "{msg}");
+        let msg = auth(&[
+            "--cloud-sdk-ak",
+            "ak",
+            "--cloud-sdk-sk",
+            "sk",
+            "--aom-auth-token-project-id",
+            P1,
+        ])
+        .expect_err("no static token to declare")
+        .0;
+        assert!(msg.contains("AOM_AUTH_TOKEN_PROJECT_ID"), "{msg}");
+    }
+
+    #[test]
+    fn iam_needs_no_project_and_takes_one_as_home() {
+        let base = [
+            "--iam-endpoint",
+            "https://iam.example.com",
+            "--iam-user",
+            "u",
+            "--iam-password",
+            "p",
+            "--iam-domain",
+            "d",
+        ];
+        match auth(&base) {
+            Ok(AuthSettings::Iam(s)) => assert_eq!(s.home, None),
+            other => panic!("{other:?}"),
+        }
+        let mut with_home = base.to_vec();
+        with_home.extend(["--iam-project-id", P1]);
+        match auth(&with_home) {
+            Ok(AuthSettings::Iam(s)) => {
+                assert_eq!(s.home, Some(ProjectScope::Id(P1.to_owned())));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn tokens_follow_the_header_value_rule() {

@@ -1,9 +1,10 @@
 //! The daemon's settings (`aom-terminator run`), checked before anything
 //! starts.
 
-use super::auth::{AuthArgs, AuthSettings, http_url};
+use super::auth::{AuthArgs, AuthSettings};
 use super::broker::{AmqpSettings, BrokerArgs};
 use super::database::{DatabaseArgs, DatabaseSettings};
+use super::endpoint::AomEndpoint;
 use super::{ConfigError, MetricsAddr, metrics_addr, millis, read_pem, seconds};
 use clap::Args;
 use std::num::NonZeroU32;
@@ -16,9 +17,15 @@ pub struct RunArgs {
     pub broker: BrokerArgs,
     #[command(flatten)]
     pub database: DatabaseArgs,
-    /// Base URL of the AOM API, e.g. https://aom.cn-north-4.myhuaweicloud.com
+    /// Base URL of the AOM API, e.g. https://aom.cn-north-4.myhuaweicloud.com;
+    /// `{region}` in the host routes each call to its project's region
+    /// (https://aom.{region}.myhuaweicloud.com).
     #[arg(long, env = "AOM_ENDPOINT")]
     pub aom_endpoint: String,
+    /// The region of each project, for requests that name none:
+    /// `<project_id>=<region>,…` (with `{region}` in AOM_ENDPOINT).
+    #[arg(long, env = "AOM_PROJECT_REGIONS", default_value = "")]
+    pub aom_project_regions: String,
     /// PEM bundle of CAs trusted for the AOM API and IAM, besides the
     /// system's roots (a private CA, or a TLS-inspecting proxy).
     #[arg(long, env = "AOM_CA_FILE")]
@@ -64,7 +71,7 @@ pub struct RunArgs {
 pub struct DaemonConfig {
     pub amqp: AmqpSettings,
     pub database: DatabaseSettings,
-    pub endpoint: url::Url,
+    pub endpoint: AomEndpoint,
     /// Extra CAs (PEM) trusted for the AOM API and IAM.
     pub aom_ca_pem: Option<String>,
     pub auth: AuthSettings,
@@ -84,19 +91,7 @@ impl RunArgs {
     pub fn validate(&self) -> Result<DaemonConfig, ConfigError> {
         let err = |s: String| Err(ConfigError(s));
         let amqp = self.broker.settings()?;
-        let endpoint = match url::Url::parse(self.aom_endpoint.trim()) {
-            Ok(u) => match http_url(u.as_str()) {
-                Some(u) => u,
-                None => return err("AOM_ENDPOINT must be an http:// or https:// URL".to_owned()),
-            },
-            Err(e) => return err(format!("AOM_ENDPOINT is not a valid URL: {e}")),
-        };
-        if !endpoint.username().is_empty() || endpoint.password().is_some() {
-            return err("AOM_ENDPOINT must not carry credentials".to_owned());
-        }
-        if endpoint.query().is_some() {
-            return err("AOM_ENDPOINT must not have a query string".to_owned());
-        }
+        let endpoint = AomEndpoint::parse(&self.aom_endpoint, &self.aom_project_regions)?;
         let auth = self.auth.validate()?;
         if !(1..=10_000).contains(&self.concurrency) {
             return err("CONCURRENCY must be 1..10000".to_owned());

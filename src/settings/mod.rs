@@ -12,11 +12,13 @@ pub mod auth;
 pub mod broker;
 pub mod daemon;
 pub mod database;
+pub mod endpoint;
 
-pub use auth::{AkSkSettings, AuthArgs, AuthSettings, IamSettings, ProjectScope};
+pub use auth::{AkSkSettings, AuthArgs, AuthSettings, IamSettings, ProjectScope, StaticToken};
 pub use broker::{AmqpSettings, AmqpTls, BrokerArgs, management_url};
 pub use daemon::{DaemonConfig, RunArgs};
 pub use database::{DatabaseArgs, DatabaseSettings};
+pub use endpoint::AomEndpoint;
 
 use secrecy::SecretString;
 use std::path::Path;

@@ -5,13 +5,14 @@ use crate::helpers::*;
 use aom_terminator::sandbox::SandboxArgs;
 use std::time::Duration;
 
-const IAM_USER: &str = "ops-bot";
-const IAM_PASSWORD: &str = "iam-pa55-word-9c1e";
-const IAM_DOMAIN: &str = "acme";
-const AK: &str = "AKSANDBOXEXAMPLE0001";
-const SK: &str = "sk-sandbox-secret-5b7d0e";
+pub const IAM_USER: &str = "ops-bot";
+pub const IAM_PASSWORD: &str = "iam-pa55-word-9c1e";
+pub const IAM_DOMAIN: &str = "acme";
+pub const AK: &str = "AKSANDBOXEXAMPLE0001";
+pub const SK: &str = "sk-sandbox-secret-5b7d0e";
 
-fn iam_sandbox(lifetime: Duration) -> SandboxArgs {
+/// A sandbox whose fake IAM issues tokens of `lifetime` to the test user.
+pub fn iam_sandbox(lifetime: Duration) -> SandboxArgs {
     SandboxArgs {
         iam_user: Some(IAM_USER.to_owned()),
         iam_password: Some(IAM_PASSWORD.to_owned()),
@@ -22,6 +23,12 @@ fn iam_sandbox(lifetime: Duration) -> SandboxArgs {
 }
 
 fn iam_flags(env: &TestEnv) -> Vec<String> {
+    iam_flags_with_home(env, "--iam-project-name", "cn-north-4")
+}
+
+/// The daemon's flags for the test user, with the home project (`flag`:
+/// `--iam-project-name` or `--iam-project-id`).
+pub fn iam_flags_with_home(env: &TestEnv, flag: &str, home: &str) -> Vec<String> {
     [
         "--iam-endpoint",
         &env.sandbox.base_url(),
@@ -31,19 +38,28 @@ fn iam_flags(env: &TestEnv) -> Vec<String> {
         IAM_PASSWORD,
         "--iam-domain",
         IAM_DOMAIN,
-        "--iam-project-name",
-        "cn-north-4",
+        flag,
+        home,
     ]
     .iter()
     .map(|s| s.to_string())
     .collect()
 }
 
-fn refs(v: &[String]) -> Vec<&str> {
+/// A sandbox that checks AK/SK signatures made with the test keys.
+pub fn aksk_sandbox() -> SandboxArgs {
+    SandboxArgs {
+        ak: Some(AK.to_owned()),
+        sk: Some(SK.to_owned()),
+        ..SandboxArgs::default()
+    }
+}
+
+pub fn refs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
-async fn succeeded(env: &TestEnv) -> i64 {
+pub async fn succeeded(env: &TestEnv) -> i64 {
     env.count("SELECT count(*) FROM termination_outcomes WHERE outcome = 'succeeded'")
         .await
 }
@@ -169,12 +185,7 @@ async fn iam_down_pauses_and_resumes_by_itself() {
 
 #[tokio::test]
 async fn aksk_signed_calls_are_accepted() {
-    let env = TestEnv::with_sandbox(SandboxArgs {
-        ak: Some(AK.to_owned()),
-        sk: Some(SK.to_owned()),
-        ..SandboxArgs::default()
-    })
-    .await;
+    let env = TestEnv::with_sandbox(aksk_sandbox()).await;
     let elements = vec![
         request("plain", "ex-plain"),
         // Ids that need percent-encoding in the path and the signature.

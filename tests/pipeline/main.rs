@@ -8,6 +8,7 @@ mod helpers;
 mod manners;
 mod pacing;
 mod parking;
+mod projects;
 mod tls;
 mod tls_peers;
 mod tls_tests;

@@ -4,18 +4,27 @@
 //! signing as the official SDKs do it.
 //!
 //! Every credential carries a generation. After a 401, [`Auth::rejected`]
-//! is told which generation was refused; only the first to report a
-//! generation causes a refresh, so a storm of 401s costs one IAM call.
+//! is told which project's credential of which generation was refused; only
+//! the first to report a generation causes a refresh, so a storm of 401s
+//! costs one IAM call.
+//!
+//! Credentials cover projects: an IAM token the project it is scoped to, a
+//! static token the one project `AOM_AUTH_TOKEN_PROJECT_ID` declares (or, if
+//! none is declared, whatever the API lets it), an AK/SK pair any project it
+//! names in `X-Project-Id`. A project the credentials cannot cover is
+//! [`AuthError::NotCovered`], known without calling the API.
 
 pub mod aksk;
 pub mod iam;
 pub mod token;
 
+use crate::domain::ProjectId;
 use crate::settings::{AkSkSettings, AuthSettings};
 use chrono::Utc;
 use reqwest::header::{HeaderName, HeaderValue};
 use secrecy::ExposeSecret;
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 
 pub use iam::IamTokens;
 pub use token::TokenSource;
@@ -26,6 +35,9 @@ pub enum AuthError {
     TokenFile { path: String, reason: String },
     #[error("IAM token request failed: {0}")]
     Iam(String),
+    /// The credentials cannot cover this project; no call is made for it.
+    #[error("the credentials do not cover project {project}: {why}")]
+    NotCovered { project: String, why: String },
 }
 
 /// What a call is, for the signer.
@@ -45,9 +57,55 @@ pub struct Credential {
 
 #[derive(Debug, Clone)]
 pub enum Auth {
-    Token(Arc<TokenSource>),
+    Token(Arc<DeclaredToken>),
     Iam(Arc<IamTokens>),
     AkSk(Arc<AkSkSettings>),
+}
+
+/// A static token (or token file) and the one project it is declared for.
+#[derive(Debug)]
+pub struct DeclaredToken {
+    source: TokenSource,
+    project: Option<ProjectId>,
+    /// Projects already logged as not covered: one line each, not one per request.
+    logged: Mutex<HashSet<String>>,
+}
+
+impl DeclaredToken {
+    fn new(source: TokenSource, project: Option<ProjectId>) -> Self {
+        Self {
+            source,
+            project,
+            logged: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// `Err` when a project is declared and `project` is another.
+    fn covers(&self, project: &str) -> Result<(), AuthError> {
+        let Some(declared) = &self.project else {
+            return Ok(());
+        };
+        if declared.as_str() == project {
+            return Ok(());
+        }
+        let first = self
+            .logged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(project.to_owned());
+        if first {
+            tracing::warn!(
+                project = %project,
+                declared = %declared,
+                "AOM_AUTH_TOKEN_PROJECT_ID declares the token for another project: this \
+                 project's requests are held, and the API never sees them"
+            );
+        }
+        Err(AuthError::NotCovered {
+            project: project.to_owned(),
+            why: format!("AOM_AUTH_TOKEN_PROJECT_ID declares the token for project {declared}"),
+        })
+    }
 }
 
 static X_AUTH_TOKEN: HeaderName = HeaderName::from_static("x-auth-token");
@@ -55,8 +113,14 @@ static X_AUTH_TOKEN: HeaderName = HeaderName::from_static("x-auth-token");
 impl Auth {
     pub fn new(settings: &AuthSettings, http: reqwest::Client) -> Result<Self, AuthError> {
         Ok(match settings {
-            AuthSettings::Token(t) => Auth::Token(Arc::new(TokenSource::fixed(t)?)),
-            AuthSettings::TokenFile(p) => Auth::Token(Arc::new(TokenSource::file(p)?)),
+            AuthSettings::Token(t) => Auth::Token(Arc::new(DeclaredToken::new(
+                TokenSource::fixed(&t.token)?,
+                t.project.clone(),
+            ))),
+            AuthSettings::TokenFile(f) => Auth::Token(Arc::new(DeclaredToken::new(
+                TokenSource::file(&f.token)?,
+                f.project.clone(),
+            ))),
             AuthSettings::Iam(s) => Auth::Iam(Arc::new(IamTokens::new(s.clone(), http))),
             AuthSettings::AkSk(s) => Auth::AkSk(Arc::new(s.clone())),
         })
@@ -65,14 +129,15 @@ impl Auth {
     pub async fn credential(&self, call: &CallInfo<'_>) -> Result<Credential, AuthError> {
         match self {
             Auth::Token(source) => {
-                let (token, generation) = source.current()?;
+                source.covers(call.project_id)?;
+                let (token, generation) = source.source.current()?;
                 Ok(Credential {
                     headers: vec![(X_AUTH_TOKEN.clone(), token)],
                     generation,
                 })
             }
             Auth::Iam(iam) => {
-                let (token, generation) = IamTokens::current(iam).await?;
+                let (token, generation) = IamTokens::current(iam, call.project_id).await?;
                 Ok(Credential {
                     headers: vec![(X_AUTH_TOKEN.clone(), token)],
                     generation,
@@ -89,13 +154,14 @@ impl Auth {
         }
     }
 
-    /// The API answered 401 to a call made with `generation`. Returns
-    /// whether a new credential may now be available, so that one immediate
-    /// retry is worth making before pausing.
-    pub fn rejected(&self, _project: &crate::domain::ProjectId, generation: u64) -> bool {
+    /// The API answered 401 to a call for `project` made with `generation`.
+    /// Returns whether a new credential may now be available, so that one
+    /// immediate retry is worth making before holding the project. An IAM
+    /// token is per project: only `project`'s is renewed.
+    pub fn rejected(&self, project: &ProjectId, generation: u64) -> bool {
         match self {
-            Auth::Token(source) => source.rejected(generation),
-            Auth::Iam(iam) => iam.rejected(generation),
+            Auth::Token(source) => source.source.rejected(generation),
+            Auth::Iam(iam) => iam.rejected(project, generation),
             Auth::AkSk(_) => false,
         }
     }
