@@ -84,37 +84,37 @@ async fn capacity_queues_calls_then_answers_busy() {
     .await;
     let addr = running.local_addr();
     let sb = running.sandbox().clone();
-    let timed = |execution: &'static str| {
+    let ends = |execution: &'static str| {
         tokio::spawn(async move {
-            let t = std::time::Instant::now();
             let r = call(addr, "t", execution).await;
-            (r.status, t.elapsed())
+            (r.status, std::time::Instant::now())
         })
     };
-    let first = timed("exec-1");
-    tokio::time::sleep(Duration::from_millis(60)).await;
-    let second = timed("exec-2");
+    let first = ends("exec-1");
+    while sb.stats().in_flight == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let second = ends("exec-2");
     while sb.stats().queued == 0 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    // One served, one waiting: the next is refused at once.
-    let t = std::time::Instant::now();
+    // One served, one waiting: the next is refused without waiting for a
+    // turn (both are still there when it is answered).
     let r = call(addr, "t", "flaky-busy").await;
-    assert!(t.elapsed() < latency, "{:?}", t.elapsed());
     assert_eq!(r.status, 503);
+    assert!(!first.is_finished() && !second.is_finished());
     assert_eq!(r.header("retry-after"), Some("1"));
     assert_eq!(
         r.body,
         r#"{"error_code":"AOM.0503","error_msg":"service busy"}"#
     );
 
-    let (status, took) = first.await.unwrap();
+    let (status, first_end) = first.await.unwrap();
     assert_eq!(status, 200);
-    assert!(took < latency * 2, "{took:?}");
-    let (status, took) = second.await.unwrap();
+    let (status, second_end) = second.await.unwrap();
     assert_eq!(status, 200);
-    // It waited for the first, then got its own latency.
-    assert!(took >= latency * 2 - Duration::from_millis(70), "{took:?}");
+    // It waited for the first.
+    assert!(second_end > first_end);
 
     let stats = sb.stats();
     assert_eq!((stats.queued, stats.max_queued), (0, 1), "{stats:?}");

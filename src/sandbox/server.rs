@@ -648,9 +648,8 @@ mod tests {
         while running.sandbox().stats().in_flight == 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let t = std::time::Instant::now();
         running.shutdown().await;
-        assert!(t.elapsed() < Duration::from_secs(5));
+        // Answered 503 by the shutdown, not 200 after its minute.
         assert_eq!(slow.await.unwrap().status, 503);
     }
 }
