@@ -53,14 +53,7 @@ async fn a_401_for_one_project_holds_it_alone_parks_its_requests_and_releases_it
     // A's requests finished while B was held: before b1's verdict.
     let at = |e: &Event| events.iter().position(|x| x == e).expect("present");
     assert!(at(&committed("a2", "succeeded")) < at(&committed("b1", "succeeded")));
-    let calls: Vec<String> = w
-        .pipeline
-        .dispatcher
-        .api()
-        .calls()
-        .into_iter()
-        .map(|(ex, _)| ex)
-        .collect();
+    let calls = w.pipeline.dispatcher.api().executions();
     assert!(
         !calls.contains(&"ex-b2".to_owned()),
         "a parked request is not sent: {calls:?}"
@@ -118,14 +111,7 @@ async fn a_project_the_credentials_cannot_cover_is_held_without_a_call() {
         lock(&w.pipeline.dispatcher.api().not_covered).clear();
     });
     assert_eq!(handled, Handled::Settled);
-    let calls: Vec<String> = w
-        .pipeline
-        .dispatcher
-        .api()
-        .calls()
-        .into_iter()
-        .map(|(ex, _)| ex)
-        .collect();
+    let calls = w.pipeline.dispatcher.api().executions();
     // a1, then b1 once it is covered; never b2 (parked).
     assert_eq!(calls, ["ex-a1", "ex-b1"]);
     let events = w.log.events();

@@ -153,6 +153,11 @@ impl FakeApi {
         }
     }
 
+    /// The execution ids called, in order.
+    pub(super) fn executions(&self) -> Vec<String> {
+        self.calls().into_iter().map(|(ex, _)| ex).collect()
+    }
+
     pub(super) fn calls(&self) -> Vec<(String, Instant)> {
         self.calls.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -399,14 +404,7 @@ async fn a_request_already_final_is_skipped_without_a_call() {
     });
     let handled = run_one(&w, message(&[("done", "ex-done"), ("new", "ex-new")])).await;
     assert_eq!(handled, Handled::Settled);
-    let calls: Vec<String> = w
-        .pipeline
-        .dispatcher
-        .api()
-        .calls()
-        .into_iter()
-        .map(|(ex, _)| ex)
-        .collect();
+    let calls = w.pipeline.dispatcher.api().executions();
     assert_eq!(calls, ["ex-new"]);
     assert!(w.log.events().contains(&committed("done", "skipped")));
 }
