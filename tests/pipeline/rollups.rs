@@ -429,3 +429,27 @@ async fn a_cut_within_the_safety_margin_is_refused_with_exit_2() {
         0
     );
 }
+
+#[tokio::test]
+async fn prune_reads_the_oldest_messages_age_and_leaves_it_queued() {
+    let env = TestEnv::new().await;
+    env.migrate().await;
+    // Published as enqueue and replay publish: with a timestamp.
+    let admin = aom_terminator::broker::Admin::open(&env.daemon_config(&[]).amqp)
+        .await
+        .expect("admin connection");
+    admin
+        .publish(&env.queue, request("t1", "ex-t1").as_bytes())
+        .await
+        .expect("publish");
+    admin.close().await;
+    let (code, out) = prune(&env, &["--older-than", "6d"]).await;
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("age (0s)"), "{out}");
+    let (code, out) = prune(&env, &["--older-than", "8d"]).await;
+    assert_eq!(code, Some(0), "{out}");
+    eventually("the message is back in the queue", || async {
+        env.ready_requests().await == 1
+    })
+    .await;
+}
