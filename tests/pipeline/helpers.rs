@@ -296,14 +296,6 @@ impl TestEnv {
         );
     }
 
-    /// Apply the audit migrations, as the daemon does when it starts.
-    pub async fn migrate(&self) {
-        sqlx::migrate!("./migrations")
-            .run(&self.db)
-            .await
-            .expect("migrate the test database");
-    }
-
     /// The name of this test's database.
     pub fn database_name(&self) -> String {
         self.database_url
