@@ -84,6 +84,10 @@ CREATE TABLE termination_rollup_attempts (
         (hour, project_id, workflow_id, requested_by, campaign_id)
 );
 
+-- A campaign's errors (`report --campaign`) read its rows alone.
+CREATE INDEX termination_rollup_outcomes_campaign_idx
+    ON termination_rollup_outcomes (campaign_id) WHERE campaign_id IS NOT NULL;
+
 CREATE FUNCTION termination_latency_bounds_ms() RETURNS double precision[]
 LANGUAGE sql IMMUTABLE AS $$
     SELECT ARRAY[1, 2, 3, 5, 7, 10, 15, 20, 30, 50, 70, 100, 150, 200, 300, 500, 700, 1000, 1500, 2000, 3000, 5000, 7000, 10000, 15000, 20000, 30000, 60000]::double precision[]

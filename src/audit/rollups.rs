@@ -101,7 +101,9 @@ const DIMS: &str = "($2::text IS NULL OR x.workflow_id = $2) \
 const HOURS: &str = "($1::timestamptz IS NULL OR x.hour >= $1)";
 const RAW: &str = "$5::timestamptz IS NOT NULL AND $6::timestamptz IS NOT NULL";
 
-/// One row of the outcome query: a group of one of its four grouping sets.
+/// One row of the outcome query: a group of one of its four grouping sets
+/// (over the rows summed by all five keys first: one hash over the rollup
+/// instead of four, half the time).
 #[derive(sqlx::FromRow)]
 struct Group {
     /// 'outcome', 'error', 'project' or 'workflow'.
@@ -132,6 +134,9 @@ pub async fn summary(pool: &PgPool, f: &Filter) -> Result<Summary, AuditError> {
            SELECT x.project_id, x.workflow_id, x.outcome, x.http_status, x.error_code, 1 \
            FROM termination_outcomes x \
            WHERE {RAW} AND x.finished_at >= $5 AND x.finished_at < $6 AND {DIMS} \
+         ), g AS ( \
+           SELECT project_id, workflow_id, outcome, http_status, error_code, sum(n) AS n \
+           FROM r GROUP BY 1, 2, 3, 4, 5 \
          ) \
          SELECT CASE WHEN GROUPING(r.workflow_id) = 0 THEN 'workflow' \
                      WHEN GROUPING(r.project_id) = 0 THEN 'project' \
@@ -140,7 +145,7 @@ pub async fn summary(pool: &PgPool, f: &Filter) -> Result<Summary, AuditError> {
                 sum(r.n)::bigint AS count, \
                 coalesce(sum(r.n) FILTER (WHERE r.outcome = '{succeeded}'), 0)::bigint \
                   AS succeeded \
-         FROM r \
+         FROM g r \
          GROUP BY GROUPING SETS ((r.outcome), (r.outcome, r.http_status, r.error_code), \
                                  (r.project_id), (r.project_id, r.workflow_id)) \
          HAVING sum(r.n) <> 0"
