@@ -123,19 +123,14 @@ BEGIN
 END
 $$;
 
--- One trigger function per rollup, for inserts and for both sides of an
--- update: TG_ARGV[0] is +1 for the rows in `changed` as they are now, -1 for
--- the rows an update replaced (a `rejected` outcome superseded by a valid one
--- moves from its old key to its new one).
-CREATE FUNCTION termination_rollup_outcomes_apply() RETURNS trigger
+-- New outcomes count in their key.
+CREATE FUNCTION termination_rollup_outcomes_add() RETURNS trigger
 LANGUAGE plpgsql AS $$
-DECLARE
-    sign bigint := TG_ARGV[0]::bigint;
 BEGIN
     INSERT INTO termination_rollup_outcomes AS r
         (hour, project_id, workflow_id, requested_by, campaign_id, outcome, http_status, error_code, requests)
     SELECT date_bin('1 hour', finished_at, timestamptz '2000-01-01 00:00:00+00'),
-           project_id, workflow_id, requested_by, campaign_id, outcome, http_status, error_code, sign * count(*)
+           project_id, workflow_id, requested_by, campaign_id, outcome, http_status, error_code, count(*)
     FROM changed
     GROUP BY 1, 2, 3, 4, 5, 6, 7, 8
     ORDER BY 1, 2, 3, 4, 5, 6, 7, 8
@@ -145,6 +140,37 @@ BEGIN
 END
 $$;
 
+-- An update of outcomes moves each row from its old key to its new one (a
+-- `rejected` outcome superseded by a valid request). The daemon's upsert fires
+-- this on every flush, mostly with no row updated: that case returns at once;
+-- an update that keeps the key (skipped_redeliveries) nets to nothing.
+CREATE FUNCTION termination_rollup_outcomes_move() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM new_rows) THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO termination_rollup_outcomes AS r
+        (hour, project_id, workflow_id, requested_by, campaign_id, outcome, http_status,
+         error_code, requests)
+    SELECT date_bin('1 hour', finished_at, timestamptz '2000-01-01 00:00:00+00'),
+           project_id, workflow_id, requested_by, campaign_id, outcome, http_status,
+           error_code, sum(sign)
+    FROM (SELECT n.*, 1 AS sign FROM new_rows n
+          UNION ALL
+          SELECT o.*, -1 AS sign FROM old_rows o) c
+    GROUP BY 1, 2, 3, 4, 5, 6, 7, 8
+    HAVING sum(sign) <> 0
+    ORDER BY 1, 2, 3, 4, 5, 6, 7, 8
+    ON CONFLICT ON CONSTRAINT termination_rollup_outcomes_key
+    DO UPDATE SET requests = r.requests + EXCLUDED.requests;
+    RETURN NULL;
+END
+$$;
+
+-- Attempts, for inserts and for both sides of an update (rare: attempts are
+-- only ever inserted by the daemon): TG_ARGV[0] is +1 for the rows in
+-- `changed` as they are now, -1 for the rows an update replaced.
 CREATE FUNCTION termination_rollup_attempts_apply() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -273,17 +299,14 @@ SELECT date_bin('1 hour', started_at, timestamptz '2000-01-01 00:00:00+00'),
 FROM termination_attempts
 GROUP BY 1, 2, 3, 4, 5;
 
--- A trigger with transition tables serves one event, so an update has two:
--- the rows it replaced go out, the rows it wrote come in.
+-- A trigger with transition tables serves one event. The attempts' update
+-- has two triggers: the rows it replaced go out, the rows it wrote come in.
 CREATE TRIGGER termination_outcomes_rollup_insert
     AFTER INSERT ON termination_outcomes REFERENCING NEW TABLE AS changed
-    FOR EACH STATEMENT EXECUTE FUNCTION termination_rollup_outcomes_apply('1');
-CREATE TRIGGER termination_outcomes_rollup_update_new
-    AFTER UPDATE ON termination_outcomes REFERENCING NEW TABLE AS changed
-    FOR EACH STATEMENT EXECUTE FUNCTION termination_rollup_outcomes_apply('1');
-CREATE TRIGGER termination_outcomes_rollup_update_old
-    AFTER UPDATE ON termination_outcomes REFERENCING OLD TABLE AS changed
-    FOR EACH STATEMENT EXECUTE FUNCTION termination_rollup_outcomes_apply('-1');
+    FOR EACH STATEMENT EXECUTE FUNCTION termination_rollup_outcomes_add();
+CREATE TRIGGER termination_outcomes_rollup_update
+    AFTER UPDATE ON termination_outcomes REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION termination_rollup_outcomes_move();
 
 CREATE TRIGGER termination_attempts_rollup_insert
     AFTER INSERT ON termination_attempts REFERENCING NEW TABLE AS changed
