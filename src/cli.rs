@@ -3,7 +3,9 @@
 
 use crate::sandbox::SandboxArgs;
 use crate::settings::{DatabaseArgs, LogFormat, RunArgs, secret};
-use crate::tools::{dead_letters::DeadLettersArgs, enqueue::EnqueueArgs, report::ReportArgs};
+use crate::tools::{
+    dead_letters::DeadLettersArgs, enqueue::EnqueueArgs, prune::AuditArgs, report::ReportArgs,
+};
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use secrecy::SecretString;
 use std::ffi::OsString;
@@ -65,6 +67,11 @@ Examples:
   aom-terminator report --campaigns
   aom-terminator report --campaign failover-cleanup --watch")]
     Report(Box<ReportArgs>),
+    /// The audit's upkeep: remove old rows, keeping the report's totals.
+    #[command(after_help = "\
+Examples:
+  aom-terminator audit prune --older-than 180d --dry-run")]
+    Audit(Box<AuditArgs>),
     /// The main job end to end in one command: a mass cancellation through
     /// RabbitMQ, the daemon and an embedded fake API, audited in Postgres.
     #[command(after_help = DEMO_EXAMPLE)]
@@ -249,6 +256,7 @@ mod tests {
             "dead-letters",
             "dead-letters list",
             "dead-letters replay",
+            "audit prune",
         ] {
             assert!(names.contains(&want), "{want} missing from {names:?}");
         }

@@ -9,7 +9,7 @@ use aom_terminator::audit::Audit;
 use aom_terminator::cli::{Cli, Command, env_names, one_line};
 use aom_terminator::settings::ConfigError;
 use aom_terminator::tools::output::{Stdout, stdout_closed};
-use aom_terminator::tools::{dead_letters, enqueue, report};
+use aom_terminator::tools::{dead_letters, enqueue, prune, report};
 use aom_terminator::{daemon, demo, sandbox, telemetry};
 use clap::Parser;
 use std::fmt::Display;
@@ -88,6 +88,16 @@ fn main() -> ExitCode {
             Command::Sandbox(args) => sandbox::run(*args, shutdown_signal()).await,
             Command::DeadLetters(args) => dead_letters::run(*args, &mut out).await,
             Command::Report(args) => report::run(*args, &mut out).await,
+            Command::Audit(args) => match args.action {
+                prune::AuditAction::Prune(args) => match prune::run(*args, &mut out).await {
+                    Ok(prune::PruneEnd::Done) => Ok(()),
+                    Ok(prune::PruneEnd::Refused(why)) => {
+                        complain(format_args!("error: {why}"));
+                        return ExitCode::from(2);
+                    }
+                    Err(e) => Err(e),
+                },
+            },
             Command::Enqueue(args) => match enqueue::run(*args).await {
                 Ok(enqueue::Enqueued::Published) => Ok(()),
                 Ok(enqueue::Enqueued::Refused) => return ExitCode::from(1),

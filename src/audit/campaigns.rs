@@ -172,14 +172,16 @@ impl Reports {
     }
 
     /// Campaign `id`'s outcomes other than success, by outcome, status and
-    /// error code, most first (at most 20 rows, as `report`'s). Its own query
-    /// rather than `summary`, whose latency percentiles join every attempt
-    /// and are no part of a campaign's progress.
+    /// error code, most first (at most 20 rows, as `report`'s). From the
+    /// outcomes' rollup (through its campaign index): it reads the
+    /// campaign's hours, not its requests, and keeps the counts of rows a
+    /// prune removed.
     pub async fn campaign_errors(&self, id: &str) -> Result<Vec<ErrorCount>, AuditError> {
         Ok(sqlx::query_as(
-            "SELECT o.outcome, o.http_status, o.error_code, count(*) AS count \
-             FROM termination_outcomes o WHERE o.campaign_id = $1 AND o.outcome <> $2 \
-             GROUP BY 1, 2, 3 ORDER BY count DESC LIMIT 20",
+            "SELECT r.outcome, r.http_status, r.error_code, sum(r.requests)::bigint AS count \
+             FROM termination_rollup_outcomes r WHERE r.campaign_id = $1 AND r.outcome <> $2 \
+             GROUP BY 1, 2, 3 HAVING sum(r.requests) <> 0 \
+             ORDER BY count DESC, 1, 2, 3 LIMIT 20",
         )
         .bind(id)
         .bind(crate::domain::Outcome::Succeeded.as_str())

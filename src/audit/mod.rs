@@ -11,12 +11,14 @@
 pub mod campaigns;
 mod kept;
 mod lookups;
+pub mod prune;
 mod records;
 pub mod report;
+pub mod rollups;
 mod writer;
 
 pub use lookups::FinalLookups;
-pub use records::{FinalRecord, Record};
+pub use records::{FinalRecord, Record, UnfinishedRecord};
 pub use writer::AuditWriter;
 
 use crate::settings::{ConfigError, DatabaseSettings};

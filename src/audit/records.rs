@@ -29,18 +29,26 @@ pub struct FinalRecord {
     pub campaign_id: Option<String>,
 }
 
+/// The attempts of a request that has no final outcome yet, with the
+/// request's dimensions (the attempts' rollup counts them by these).
+#[derive(Debug, Clone)]
+pub struct UnfinishedRecord {
+    pub request_id: String,
+    pub project_id: Option<String>,
+    pub workflow_id: Option<String>,
+    pub requested_by: Option<String>,
+    pub campaign_id: Option<String>,
+    pub attempts_before: u32,
+    pub attempts: Vec<Attempt>,
+}
+
 /// One thing to commit.
 #[derive(Debug, Clone)]
 pub enum Record {
     Final(Box<FinalRecord>),
     /// Attempts of a request that did not reach a final outcome (shutdown):
     /// the calls were made, so the audit shows them.
-    Unfinished {
-        request_id: String,
-        campaign_id: Option<String>,
-        attempts_before: u32,
-        attempts: Vec<Attempt>,
-    },
+    Unfinished(Box<UnfinishedRecord>),
     /// A delivery of a request that already had its final outcome.
     Skipped {
         request_id: String,

@@ -24,6 +24,9 @@ pub struct Filter {
 #[derive(Debug, Serialize)]
 pub struct Summary {
     pub total: i64,
+    /// Where the counted window starts: `since`, or the start of its hour
+    /// when a prune removed the rows of that hour (`None`: all time).
+    pub window_start: Option<DateTime<Utc>>,
     pub outcomes: Vec<Count>,
     pub errors: Vec<ErrorCount>,
     pub projects: Vec<ProjectCount>,
@@ -89,7 +92,7 @@ const FILTER: &str = "($1::timestamptz IS NULL OR o.finished_at >= $1) \
 
 /// A connection pool for one report.
 pub struct Reports {
-    pool: PgPool,
+    pub(super) pool: PgPool,
 }
 
 impl Reports {
@@ -109,70 +112,10 @@ impl Reports {
         &self.pool
     }
 
+    /// Counts, errors, workflows and latency of `f`, from the rollups
+    /// (`rollups`): its time does not grow with the audit.
     pub async fn summary(&self, f: &Filter) -> Result<Summary, AuditError> {
-        let succeeded = Outcome::Succeeded.as_str();
-        let outcomes: Vec<Count> = self
-            .query_as(&format!(
-                "SELECT o.outcome, count(*) AS count FROM termination_outcomes o WHERE {FILTER} \
-                 GROUP BY o.outcome ORDER BY count DESC"
-            ), f)
-            .await?;
-        let errors: Vec<ErrorCount> = self
-            .query_as(
-                &format!(
-                    "SELECT o.outcome, o.http_status, o.error_code, count(*) AS count \
-                 FROM termination_outcomes o WHERE {FILTER} AND o.outcome <> '{succeeded}' \
-                 GROUP BY 1, 2, 3 ORDER BY count DESC LIMIT 20"
-                ),
-                f,
-            )
-            .await?;
-        let projects: Vec<ProjectCount> = self
-            .query_as(
-                &format!(
-                    "SELECT o.project_id, count(*) AS total, \
-                   count(*) FILTER (WHERE o.outcome = '{succeeded}') AS succeeded, \
-                   count(*) FILTER (WHERE o.outcome <> '{succeeded}') AS failed \
-                 FROM termination_outcomes o WHERE {FILTER} \
-                 GROUP BY 1 ORDER BY total DESC LIMIT 50"
-                ),
-                f,
-            )
-            .await?;
-        let workflows: Vec<WorkflowCount> = self
-            .query_as(
-                &format!(
-                    "SELECT o.project_id, o.workflow_id, count(*) AS total, \
-                   count(*) FILTER (WHERE o.outcome = '{succeeded}') AS succeeded, \
-                   count(*) FILTER (WHERE o.outcome <> '{succeeded}') AS failed \
-                 FROM termination_outcomes o WHERE {FILTER} \
-                 GROUP BY 1, 2 ORDER BY total DESC LIMIT 20"
-                ),
-                f,
-            )
-            .await?;
-        let latency: Latency = sqlx::query_as(&format!(
-            "SELECT count(*) AS calls, \
-               percentile_cont(0.5) WITHIN GROUP (ORDER BY a.latency_ms) AS p50, \
-               percentile_cont(0.95) WITHIN GROUP (ORDER BY a.latency_ms) AS p95, \
-               percentile_cont(0.99) WITHIN GROUP (ORDER BY a.latency_ms) AS p99 \
-             FROM termination_attempts a JOIN termination_outcomes o USING (request_id) \
-             WHERE {FILTER} AND a.http_status IS NOT NULL"
-        ))
-        .bind(f.since)
-        .bind(&f.workflow)
-        .bind(&f.requested_by)
-        .bind(&f.campaign)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(Summary {
-            total: outcomes.iter().map(|c| c.count).sum(),
-            outcomes,
-            errors,
-            projects,
-            workflows,
-            latency_ms: latency,
-        })
+        super::rollups::summary(&self.pool, f).await
     }
 
     /// The requests that did not succeed and name a whole execution.

@@ -27,20 +27,26 @@ impl Audit {
         for record in records {
             match record {
                 Record::Final(f) => {
-                    attempts.push(
-                        &f.request_id,
-                        f.campaign_id.as_deref(),
-                        f.attempts_before,
-                        &f.attempts,
-                    );
+                    let of = AttemptsOf {
+                        request_id: &f.request_id,
+                        project_id: f.project_id.as_deref(),
+                        workflow_id: f.workflow_id.as_deref(),
+                        requested_by: f.requested_by.as_deref(),
+                        campaign_id: f.campaign_id.as_deref(),
+                    };
+                    attempts.push(of, f.attempts_before, &f.attempts);
                     finals.push(f.as_ref());
                 }
-                Record::Unfinished {
-                    request_id,
-                    campaign_id,
-                    attempts_before,
-                    attempts: list,
-                } => attempts.push(request_id, campaign_id.as_deref(), *attempts_before, list),
+                Record::Unfinished(u) => {
+                    let of = AttemptsOf {
+                        request_id: &u.request_id,
+                        project_id: u.project_id.as_deref(),
+                        workflow_id: u.workflow_id.as_deref(),
+                        requested_by: u.requested_by.as_deref(),
+                        campaign_id: u.campaign_id.as_deref(),
+                    };
+                    attempts.push(of, u.attempts_before, &u.attempts);
+                }
                 Record::Skipped { request_id } => skipped.push(request_id.as_str()),
             }
         }
@@ -96,6 +102,16 @@ fn layers(records: Vec<&FinalRecord>) -> Vec<Vec<&FinalRecord>> {
     layers
 }
 
+/// Whose attempts these are: the request and the report's dimensions, which
+/// every attempt row carries for the rollup (see the rollups migration).
+struct AttemptsOf<'a> {
+    request_id: &'a str,
+    project_id: Option<&'a str>,
+    workflow_id: Option<&'a str>,
+    requested_by: Option<&'a str>,
+    campaign_id: Option<&'a str>,
+}
+
 /// The attempts of one flush, column by column, borrowed from the records.
 #[derive(Default)]
 struct AttemptColumns<'a> {
@@ -111,19 +127,16 @@ struct AttemptColumns<'a> {
     campaign_id: Vec<Option<&'a str>>,
     region: Vec<Option<&'a str>>,
     endpoint_host: Vec<Option<&'a str>>,
+    project_id: Vec<Option<&'a str>>,
+    workflow_id: Vec<Option<&'a str>>,
+    requested_by: Vec<Option<&'a str>>,
 }
 
 impl<'a> AttemptColumns<'a> {
-    fn push(
-        &mut self,
-        request_id: &'a str,
-        campaign_id: Option<&'a str>,
-        before: u32,
-        attempts: &'a [Attempt],
-    ) {
+    fn push(&mut self, of: AttemptsOf<'a>, before: u32, attempts: &'a [Attempt]) {
         for (i, a) in attempts.iter().enumerate() {
             let n = u64::from(before) + i as u64 + 1;
-            self.request_id.push(request_id);
+            self.request_id.push(of.request_id);
             self.attempt.push(i32::try_from(n).unwrap_or(i32::MAX));
             self.http_status.push(a.http_status.map(i32::from));
             self.error_kind.push(a.error_kind.map(|k| k.as_str()));
@@ -132,9 +145,12 @@ impl<'a> AttemptColumns<'a> {
             self.body_excerpt.push(a.body_excerpt.as_deref());
             self.started_at.push(a.started_at);
             self.latency_ms.push(a.latency.as_secs_f64() * 1000.0);
-            self.campaign_id.push(campaign_id);
+            self.campaign_id.push(of.campaign_id);
             self.region.push(a.region.as_deref());
             self.endpoint_host.push(a.endpoint_host.as_deref());
+            self.project_id.push(of.project_id);
+            self.workflow_id.push(of.workflow_id);
+            self.requested_by.push(of.requested_by);
         }
     }
 
@@ -142,16 +158,17 @@ impl<'a> AttemptColumns<'a> {
         let query = sqlx::query(
             "INSERT INTO termination_attempts \
              (request_id, attempt, http_status, error_kind, error_code, error_msg, body_excerpt, \
-              started_at, latency_ms, campaign_id, region, endpoint_host) \
+              started_at, latency_ms, campaign_id, region, endpoint_host, project_id, \
+              workflow_id, requested_by) \
              SELECT * FROM UNNEST($1::text[], $2::int[], $3::int[], $4::text[], $5::text[], \
               $6::text[], $7::text[], $8::timestamptz[], $9::float8[], $10::text[], $11::text[], \
-              $12::text[])",
+              $12::text[], $13::text[], $14::text[], $15::text[])",
         );
         self.bind_to(query).execute(tx).await?;
         Ok(())
     }
 
-    /// Bind the twelve columns, in table order, after whatever `query` has.
+    /// Bind the fifteen columns, in table order, after whatever `query` has.
     fn bind_to<'q>(
         self,
         query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
@@ -172,6 +189,9 @@ impl<'a> AttemptColumns<'a> {
             .bind(self.campaign_id)
             .bind(self.region)
             .bind(self.endpoint_host)
+            .bind(self.project_id)
+            .bind(self.workflow_id)
+            .bind(self.requested_by)
     }
 }
 
@@ -295,10 +315,12 @@ impl OutcomeColumns<'_> {
             Some(_) => concat!(
                 "WITH att AS (INSERT INTO termination_attempts \
                    (request_id, attempt, http_status, error_kind, error_code, error_msg, \
-                    body_excerpt, started_at, latency_ms, campaign_id, region, endpoint_host) \
+                    body_excerpt, started_at, latency_ms, campaign_id, region, endpoint_host, \
+                    project_id, workflow_id, requested_by) \
                    SELECT * FROM UNNEST($18::text[], $19::int[], $20::int[], $21::text[], \
                      $22::text[], $23::text[], $24::text[], $25::timestamptz[], $26::float8[], \
-                     $27::text[], $28::text[], $29::text[])), ",
+                     $27::text[], $28::text[], $29::text[], $30::text[], $31::text[], \
+                     $32::text[])), ",
                 upsert_outcomes!()
             ),
             None => concat!("WITH ", upsert_outcomes!()),

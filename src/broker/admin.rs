@@ -22,6 +22,9 @@ pub struct Admin {
 pub struct Taken {
     pub body: Vec<u8>,
     pub headers: std::collections::BTreeMap<String, String>,
+    /// When it was published (the AMQP `timestamp` property, Unix seconds),
+    /// if its publisher said.
+    pub timestamp: Option<u64>,
     acker: lapin::Acker,
 }
 
@@ -77,6 +80,7 @@ impl Admin {
                 })
                 .unwrap_or_default();
             Taken {
+                timestamp: *d.properties.timestamp(),
                 body: d.data,
                 headers,
                 acker: d.acker,
@@ -85,7 +89,9 @@ impl Admin {
     }
 
     /// Publish a persistent message to `queue` and wait for the broker's
-    /// confirm; an unroutable message is an error, not a silent drop.
+    /// confirm; an unroutable message is an error, not a silent drop. It
+    /// carries its publication time, from which `audit prune` tells the
+    /// age of the queue's oldest message.
     pub async fn publish(&self, queue: &str, body: &[u8]) -> Result<(), BrokerError> {
         let confirm = self
             .channel
@@ -99,7 +105,8 @@ impl Admin {
                 body,
                 BasicProperties::default()
                     .with_content_type("application/json".into())
-                    .with_delivery_mode(2),
+                    .with_delivery_mode(2)
+                    .with_timestamp(now_unix()),
             )
             .await
             .map_err(call("publish"))?
@@ -138,4 +145,11 @@ pub(super) fn header_text(v: &AMQPValue) -> String {
         AMQPValue::Boolean(b) => b.to_string(),
         other => format!("{other:?}"),
     }
+}
+
+/// Now, in Unix seconds (0 for a clock before 1970).
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }

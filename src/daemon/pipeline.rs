@@ -13,7 +13,7 @@
 
 use super::dispatch::{Api, Dispatcher, End};
 use super::in_flight::{Claim, InFlight, follow};
-use crate::audit::{FinalRecord, Record};
+use crate::audit::{FinalRecord, Record, UnfinishedRecord};
 use crate::domain::{
     Attempt, DeadLetter, Item, Message, Outcome, ParsedMessage, Rejection, TerminationRequest,
 };
@@ -299,12 +299,15 @@ impl<S: Store, L: Letters, A: Api> Pipeline<S, L, A> {
             // numbers its attempts after them.
             if !attempts.is_empty() {
                 self.store
-                    .commit(Record::Unfinished {
+                    .commit(Record::Unfinished(Box::new(UnfinishedRecord {
                         request_id: req.request_id.clone(),
+                        project_id: Some(req.project_id.to_string()),
+                        workflow_id: Some(req.workflow_id.to_string()),
+                        requested_by: req.requested_by.clone(),
                         campaign_id: req.campaign_id.clone(),
                         attempts_before,
                         attempts,
-                    })
+                    })))
                     .await;
             }
             false

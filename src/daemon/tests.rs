@@ -58,7 +58,7 @@ impl Store for FakeStore {
         let (id, what) = match record {
             Record::Final(f) => (f.request_id, f.outcome.as_str().to_owned()),
             Record::Skipped { request_id } => (request_id, "skipped".to_owned()),
-            Record::Unfinished { request_id, .. } => (request_id, "unfinished".to_owned()),
+            Record::Unfinished(u) => (u.request_id, "unfinished".to_owned()),
         };
         self.log.push(Event::Committed(id, what));
         true

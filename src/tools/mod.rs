@@ -8,4 +8,5 @@ pub mod campaigns;
 pub mod dead_letters;
 pub mod enqueue;
 pub mod output;
+pub mod prune;
 pub mod report;

@@ -9,6 +9,7 @@ mod manners;
 mod pacing;
 mod parking;
 mod projects;
+mod rollups;
 mod tls;
 mod tls_peers;
 mod tls_tests;
