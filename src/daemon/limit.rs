@@ -75,11 +75,13 @@ impl CallLimit {
     }
 
     /// Whether a 429 should hold every call start for its `Retry-After`:
-    /// always with a fixed limit (the one way to slow down it has), and
-    /// with an adaptive one only once it is down to one call, when the API
-    /// refuses even that and a smaller limit is no longer to be had.
+    /// with a fixed limit, the one way it has to slow down. An adaptive
+    /// limit cuts itself instead: a hold of a second after every 429 would
+    /// throw away most of what a rate limit allows (each throttled request
+    /// still waits its own `Retry-After`, which bounds the calls when even
+    /// one at a time is refused).
     pub fn holds_on_429(&self) -> bool {
-        self.adaptive.is_none() || self.current() <= 1
+        self.adaptive.is_none()
     }
 
     /// Wait for a permit. `None` never happens (the semaphore is never
