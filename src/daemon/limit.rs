@@ -182,25 +182,10 @@ fn lock(a: &Mutex<Adaptive>) -> MutexGuard<'_, Adaptive> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::Verdict;
     use futures_util::FutureExt;
     use std::time::Duration;
 
-    fn attempt(status: u16) -> Attempt {
-        Attempt {
-            started_at: chrono::Utc::now(),
-            latency: Duration::ZERO,
-            http_status: Some(status),
-            error_kind: None,
-            error_code: None,
-            error_msg: None,
-            body_excerpt: None,
-            verdict: Verdict::Succeeded,
-            auth_generation: 0,
-            region: None,
-            endpoint_host: None,
-        }
-    }
+    use crate::daemon::tests::answer as attempt;
 
     #[tokio::test(start_paused = true)]
     async fn a_cut_withholds_permits_even_those_in_use_and_growth_returns_them() {

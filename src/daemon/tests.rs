@@ -167,7 +167,7 @@ impl FakeApi {
 const BUSY: u16 = 1503;
 
 /// An attempt as the AOM adapter classifies `status` (429 asks for 2 s).
-fn answer(status: u16) -> Attempt {
+pub(super) fn answer(status: u16) -> Attempt {
     let (verdict, error_kind) = match status {
         BUSY => (
             Verdict::Retryable {

@@ -11,9 +11,11 @@
 //! grows back along a cubic curve that is slow near the limit where
 //! overload last struck and quick far from it.
 //!
-//! - Overload is a 429, a 503, a timeout, or the answers' latency at twice
-//!   its recent minimum (and 5 ms above it: below that it is the host's
-//!   scheduling noise, not the API's queue).
+//! - Overload is a 429, a 503, a timeout, or latency well above its recent
+//!   minimum: the fastest answer of a window at 1.5 times the minimum of the
+//!   last 15-30 s, and 5 ms above it. The fastest, not the mean: on a busy
+//!   host one late wake-up lifts a mean, while a queue at the API delays
+//!   every call.
 //! - The limit is judged once per window (as many answers as the limit),
 //!   so a burst of 429s from one round of calls is one cut, not hundreds.
 //!   Answers to calls started before the last cut are ignored: they report
@@ -76,7 +78,7 @@ struct Cut {
 struct Window {
     answers: u32,
     overloaded: u32,
-    latency_s: f64,
+    fastest: Option<Duration>,
     most_in_flight: usize,
 }
 
@@ -115,7 +117,7 @@ impl AdaptiveLimit {
         let w = &mut self.window;
         w.answers += 1;
         w.overloaded += u32::from(a.overloaded);
-        w.latency_s += latency.as_secs_f64();
+        w.fastest = Some(w.fastest.map_or(latency, |f| f.min(latency)));
         w.most_in_flight = w.most_in_flight.max(a.in_flight);
         if f64::from(w.answers) >= self.limit.floor().max(1.0) {
             let window = std::mem::take(&mut self.window);
@@ -127,12 +129,13 @@ impl AdaptiveLimit {
 
     fn judge(&mut self, w: Window, now: Instant) {
         let answers = f64::from(w.answers);
-        let mean_latency = Duration::from_secs_f64(w.latency_s / answers);
-        let min = self.min_latency.get();
-        let queueing = min.is_some_and(|min| {
-            mean_latency.as_secs_f64() > LATENCY_RATIO * min.as_secs_f64()
-                && mean_latency > min + LATENCY_FLOOR
-        });
+        let queueing = match (w.fastest, self.min_latency.get()) {
+            (Some(fastest), Some(min)) => {
+                fastest.as_secs_f64() > LATENCY_RATIO * min.as_secs_f64()
+                    && fastest > min + LATENCY_FLOOR
+            }
+            _ => false,
+        };
         if w.overloaded > 0 || queueing {
             let kept = 1.0 - f64::from(w.overloaded) / answers;
             self.cut(kept.clamp(DEEPEST_CUT, BETA), now);

@@ -56,24 +56,29 @@ fn share_of(env: &TestEnv, status: u16) -> f64 {
     stats.by_status.get(&status).copied().unwrap_or(0) as f64 / all.max(1) as f64
 }
 
+/// 1,500 requests through a daemon with `concurrency` against a sandbox
+/// with `limits`: every one succeeds. The test world and the lowest
+/// concurrency limit seen meanwhile.
+async fn all_succeed_against(limits: SandboxArgs, concurrency: &str) -> (TestEnv, u64) {
+    let env = TestEnv::with_sandbox(limits).await;
+    publish_batches(&env, "r", 1500).await;
+    let metrics = free_addr();
+    let flags = ["--concurrency", concurrency, "--metrics-addr"];
+    let daemon = env.start_daemon(&[&flags[..], &[metrics.to_string().as_str()]].concat());
+    let lowest = lowest_limit_until_done(&env, metrics, 1500).await;
+    assert_eq!(succeeded(&env).await, 1500, "every request succeeded");
+    daemon.stop().await;
+    (env, lowest)
+}
+
 #[tokio::test]
 async fn against_a_rate_limit_everything_succeeds_and_the_limit_comes_down() {
-    let env = TestEnv::with_sandbox(SandboxArgs {
+    let limits = SandboxArgs {
         rate_limit: Some(200),
         latency: Duration::from_millis(5),
         ..SandboxArgs::default()
-    })
-    .await;
-    publish_batches(&env, "r", 1500).await;
-    let metrics = free_addr();
-    let daemon = env.start_daemon(&[
-        "--concurrency",
-        "256",
-        "--metrics-addr",
-        &metrics.to_string(),
-    ]);
-    let lowest = lowest_limit_until_done(&env, metrics, 1500).await;
-    assert_eq!(succeeded(&env).await, 1500, "every request succeeded");
+    };
+    let (env, lowest) = all_succeed_against(limits, "256").await;
     // 200 calls/s at 5 ms need a couple of calls in flight, not 256.
     assert!(lowest <= 32, "the limit came down to {lowest} only");
     let throttled = share_of(&env, 429);
@@ -88,33 +93,21 @@ async fn against_a_rate_limit_everything_succeeds_and_the_limit_comes_down() {
         .await;
     let answered = env.sandbox.sandbox().stats().by_status.get(&429).copied();
     assert_eq!(Some(recorded as u64), answered.or(Some(0)));
-    daemon.stop().await;
 }
 
 #[tokio::test]
 async fn against_a_backend_s_capacity_everything_succeeds_and_the_limit_comes_down() {
-    let env = TestEnv::with_sandbox(SandboxArgs {
+    let limits = SandboxArgs {
         capacity: Some(16),
         queue_limit: Some(16),
         latency: Duration::from_millis(20),
         ..SandboxArgs::default()
-    })
-    .await;
-    publish_batches(&env, "c", 1500).await;
-    let metrics = free_addr();
-    let daemon = env.start_daemon(&[
-        "--concurrency",
-        "512",
-        "--metrics-addr",
-        &metrics.to_string(),
-    ]);
-    let lowest = lowest_limit_until_done(&env, metrics, 1500).await;
-    assert_eq!(succeeded(&env).await, 1500, "every request succeeded");
+    };
+    let (env, lowest) = all_succeed_against(limits, "512").await;
     // 16 served and 16 waiting: anything above 32 in flight is refused.
     assert!(lowest <= 64, "the limit came down to {lowest} only");
     let busy = share_of(&env, 503);
     assert!(busy <= 0.25, "{:.0}% of calls got 503", busy * 100.0);
-    daemon.stop().await;
 }
 
 #[tokio::test]
