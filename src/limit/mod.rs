@@ -15,7 +15,8 @@
 //!   minimum: the fastest answer of a window at 1.5 times the minimum of the
 //!   last 15-30 s, and 5 ms above it. The fastest, not the mean: on a busy
 //!   host one late wake-up lifts a mean, while a queue at the API delays
-//!   every call.
+//!   every call. Only a window of 16 answers or more is judged on latency:
+//!   the fastest of one or two answers is noise on a busy host.
 //! - The limit is judged once per window (as many answers as the limit),
 //!   so a burst of 429s from one round of calls is one cut, not hundreds.
 //!   Answers to calls started before the last cut are ignored: they report
@@ -39,6 +40,8 @@ const INITIAL: f64 = 128.0;
 const LATENCY_RATIO: f64 = 1.5;
 /// ...if it is also this much above it.
 const LATENCY_FLOOR: Duration = Duration::from_millis(5);
+/// The fewest answers a window needs to be judged on latency.
+const LATENCY_MIN_ANSWERS: u32 = 16;
 /// The minimum latency is the minimum over the last one to two of these.
 const MIN_LATENCY_WINDOW: Duration = Duration::from_secs(15);
 
@@ -130,7 +133,7 @@ impl AdaptiveLimit {
     fn judge(&mut self, w: Window, now: Instant) {
         let answers = f64::from(w.answers);
         let queueing = match (w.fastest, self.min_latency.get()) {
-            (Some(fastest), Some(min)) => {
+            (Some(fastest), Some(min)) if w.answers >= LATENCY_MIN_ANSWERS => {
                 fastest.as_secs_f64() > LATENCY_RATIO * min.as_secs_f64()
                     && fastest > min + LATENCY_FLOOR
             }

@@ -168,6 +168,21 @@ fn latency_well_above_its_minimum_cuts_small_jitter_does_not() {
     assert_eq!(limit.limit(), 70);
 }
 
+#[test]
+fn a_small_limit_is_not_judged_on_latency() {
+    let t0 = Instant::now();
+    let mut limit = AdaptiveLimit::new(8, t0);
+    for i in 0..100 {
+        limit.on_answer(answer(t0, i, i + 1, false));
+    }
+    // Windows of eight answers, each 50 times the minimum: too few to
+    // tell a queue from a busy host; only 429s, 503s and timeouts count.
+    for i in 0..1000 {
+        limit.on_answer(answer(t0, 200 + i, 250 + i, false));
+    }
+    assert_eq!(limit.limit(), 8);
+}
+
 // Whole runs against simulated APIs.
 
 /// What the simulated API does with a call that arrives at `now`: its
