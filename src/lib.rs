@@ -10,7 +10,7 @@
 //!   dead-letters), [`sandbox`] (the fake API);
 //! - the adapters, the only places that name their crates: [`broker`]
 //!   (lapin), [`audit`] (sqlx), [`aom`] (reqwest);
-//! - the plain core: [`domain`], [`retry`], [`settings`], [`metrics`],
+//! - the plain core: [`domain`], [`retry`], [`limit`], [`settings`], [`metrics`],
 //!   [`telemetry`].
 //!
 //! Where to look: a request is parsed in [`domain`], sent and classified in
@@ -25,6 +25,7 @@ pub mod cli;
 pub mod daemon;
 pub mod demo;
 pub mod domain;
+pub mod limit;
 pub mod metrics;
 pub mod retry;
 pub mod sandbox;

@@ -46,6 +46,7 @@ pub struct Metrics {
     paused: Gauge,
     projects_held: Family<ProjectLabel, Gauge>,
     concurrency: Gauge,
+    concurrency_limit: Gauge,
     registry: Registry,
 }
 
@@ -75,6 +76,7 @@ impl Metrics {
             paused: Gauge::default(),
             projects_held: Family::default(),
             concurrency: Gauge::default(),
+            concurrency_limit: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("requests", "Requests by final outcome", m.requests.clone());
@@ -141,6 +143,11 @@ impl Metrics {
             "concurrency",
             "The configured most API calls in flight (CONCURRENCY)",
             m.concurrency.clone(),
+        );
+        registry.register(
+            "concurrency_limit",
+            "API calls allowed in flight now: CONCURRENCY, or less while the adaptive limit backs off from overload",
+            m.concurrency_limit.clone(),
         );
         m.set_queue_depth(None);
         Metrics { registry, ..m }
@@ -246,6 +253,12 @@ impl Metrics {
     /// The configured `CONCURRENCY`, exported next to `in_flight`.
     pub fn set_concurrency(&self, limit: usize) {
         self.concurrency
+            .set(i64::try_from(limit).unwrap_or(i64::MAX));
+    }
+
+    /// The limit of calls in flight in force now.
+    pub fn set_concurrency_limit(&self, limit: usize) {
+        self.concurrency_limit
             .set(i64::try_from(limit).unwrap_or(i64::MAX));
     }
 

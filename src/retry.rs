@@ -16,6 +16,8 @@ pub struct RetryPolicy {
     pub max: Duration,
     /// Attempts per request, counting the first.
     pub max_attempts: u32,
+    /// How long a request may be throttled with no other answer.
+    pub throttle_give_up: Duration,
 }
 
 impl RetryPolicy {
@@ -31,11 +33,32 @@ impl RetryPolicy {
         if attempts_made >= self.max_attempts {
             return None;
         }
-        let jittered = self.ceiling(attempts_made).mul_f64(unit.clamp(0.0, 1.0));
-        Some(match retry_after {
+        Some(self.jittered(attempts_made, retry_after, unit))
+    }
+
+    /// The delay before the next attempt after `in_a_row` throttled answers
+    /// (429, or 503 with `Retry-After`), the first `throttled_for` ago; or
+    /// `None` once that is `throttle_give_up`. Throttling is the API saying
+    /// "later", so it never uses up `max_attempts`.
+    pub fn throttled(
+        &self,
+        in_a_row: u32,
+        throttled_for: Duration,
+        retry_after: Option<Duration>,
+        unit: f64,
+    ) -> Option<Duration> {
+        if throttled_for >= self.throttle_give_up {
+            return None;
+        }
+        Some(self.jittered(in_a_row, retry_after, unit))
+    }
+
+    fn jittered(&self, failures: u32, retry_after: Option<Duration>, unit: f64) -> Duration {
+        let jittered = self.ceiling(failures).mul_f64(unit.clamp(0.0, 1.0));
+        match retry_after {
             Some(ra) => jittered.max(ra.min(RETRY_AFTER_CAP)),
             None => jittered,
-        })
+        }
     }
 
     /// The cap of the jitter window after `attempts_made` failures:
@@ -91,6 +114,7 @@ mod tests {
         initial: Duration::from_millis(200),
         max: Duration::from_secs(10),
         max_attempts: 5,
+        throttle_give_up: Duration::from_secs(3600),
     };
 
     #[test]
@@ -129,6 +153,32 @@ mod tests {
         assert_eq!(
             POLICY.delay(3, short, 1.0),
             Some(Duration::from_millis(800))
+        );
+    }
+
+    #[test]
+    fn throttling_backs_off_never_runs_out_of_attempts_and_gives_up_in_time() {
+        let ra = Some(Duration::from_secs(1));
+        let minute = Duration::from_secs(60);
+        // The hundredth 429 in a row is retried: attempts are not counted.
+        assert_eq!(
+            POLICY.throttled(100, minute, ra, 0.0),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(
+            POLICY.throttled(100, minute, None, 1.0),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(
+            POLICY.throttled(2, minute, ra, 1.0),
+            Some(Duration::from_secs(1))
+        );
+        let hour = Duration::from_secs(3600);
+        assert_eq!(POLICY.throttled(1, hour, ra, 0.5), None);
+        assert!(
+            POLICY
+                .throttled(1, hour - Duration::from_secs(1), ra, 0.5)
+                .is_some()
         );
     }
 

@@ -19,6 +19,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("aom", 2),
     ("domain", 3),
     ("retry", 3),
+    ("limit", 3),
     ("settings", 3),
     ("metrics", 3),
     ("telemetry", 3),

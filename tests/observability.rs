@@ -160,9 +160,12 @@ fn the_health_gauges_show_what_was_set() {
     assert_eq!(sample(&metrics, "aom_terminator_ready"), "0");
     assert_eq!(sample(&metrics, "aom_terminator_paused"), "0");
     assert_eq!(sample(&metrics, "aom_terminator_concurrency"), "0");
+    assert_eq!(sample(&metrics, "aom_terminator_concurrency_limit"), "0");
     metrics.set_ready(true);
     metrics.set_paused(true);
     metrics.set_concurrency(128);
+    metrics.set_concurrency_limit(40);
+    assert_eq!(sample(&metrics, "aom_terminator_concurrency_limit"), "40");
     assert_eq!(sample(&metrics, "aom_terminator_ready"), "1");
     assert_eq!(sample(&metrics, "aom_terminator_paused"), "1");
     assert_eq!(sample(&metrics, "aom_terminator_concurrency"), "128");

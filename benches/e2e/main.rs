@@ -19,7 +19,8 @@
 //! incorrect run); then the rates, latencies, memory and CPU split.
 //!
 //! `--suite standard` runs the standard scenarios and prints a BENCHMARKS.md
-//! table.
+//! table; `--suite limits` the API's limits (the sandbox's rate limit and
+//! capacity; adaptive, then fixed), `--suite latency50` singles at 50 ms.
 //!
 //! Modules: `scenario` (what to run), `run` (one run, step by step),
 //! `ceiling` (the broker's ceiling), `publish` (the requests and the
@@ -156,8 +157,8 @@ async fn bench_main(args: Args, amqp_url: String, database_url: String) -> Resul
         rows.push(markdown_row(scenario, &outcome, bench.cores));
     }
 
-    if args.suite.is_some() {
-        println!("\n=== suite standard ===\n");
+    if let Some(suite) = args.suite {
+        println!("\n=== suite {suite:?} ===\n");
         println!("{header}\n");
         println!("{}", table_header());
         for row in &rows {

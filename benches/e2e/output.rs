@@ -123,7 +123,11 @@ fn print_daemon(r: &Report) {
         "  daemon RSS by tenth of the run (max sampled VmRSS, MiB): {}",
         tenths.join(" / ")
     );
-    println!("  daemon CPU:                  {:.2} s", r.cpu.daemon);
+    println!(
+        "  daemon CPU:                  {:.2} s = {:.1} µs per termination",
+        r.cpu.daemon,
+        r.cpu_us_per_termination()
+    );
 }
 
 /// The rate against what bounds it: the ceilings, Little's law, the rate
@@ -180,6 +184,20 @@ fn print_bounds(scenario: &Scenario, r: &Report) {
             pct(rate, f64::from(limit))
         );
     }
+    let refused = |n: u64| format!("{n} ({:.2} % of calls)", pct(n as f64, r.calls as f64));
+    println!(
+        "  sandbox calls:               {}; 429: {}; 503: {}",
+        r.calls,
+        refused(r.throttled),
+        refused(r.busy)
+    );
+    if let Some(bound) = scenario.sandbox.goodput_bound(scenario.latency_ms) {
+        println!(
+            "  the sandbox's limit:         {} /s; goodput at {:.1} % of it",
+            thousands_f(bound),
+            pct(rate, bound)
+        );
+    }
     if let Some(m) = r.max_in_flight {
         println!("  sandbox max in flight:       {m}");
     }
@@ -230,9 +248,9 @@ fn littles_law(scenario: &Scenario) -> Option<f64> {
 pub(crate) fn table_header() -> String {
     "| scenario | requests | batch | latency | concurrency | terminations/s | ceiling msgs/s | % of ceiling \
      | % of Little's law | p50 / p99 delivered→committed ms | p50 / p99 published→committed s \
-     | peak RSS MiB | daemon CPU s \
+     | peak RSS MiB | daemon CPU s | daemon CPU µs per termination \
      | CPU split daemon/sandbox/rabbitmq/postgres % |\n\
-     |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+     |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
         .to_owned()
 }
 
@@ -248,6 +266,16 @@ pub(crate) fn markdown_row(scenario: &Scenario, outcome: &RunOutcome, cores: usi
         },
         None => scenario.label.clone(),
     };
+    let label = match (scenario.sandbox.goodput_bound(scenario.latency_ms), outcome) {
+        (Some(bound), RunOutcome::Correct(r)) => format!(
+            "{label} ({:.1} % of the sandbox's {}/s; 429 {:.2} %, 503 {:.2} % of calls)",
+            pct(r.rate(), bound),
+            thousands_f(bound),
+            pct(r.throttled as f64, r.calls as f64),
+            pct(r.busy as f64, r.calls as f64)
+        ),
+        _ => label,
+    };
     let fixed = format!(
         "| {label} | {} | {} | {} ms | {} ",
         thousands(scenario.requests),
@@ -262,7 +290,7 @@ pub(crate) fn markdown_row(scenario: &Scenario, outcome: &RunOutcome, cores: usi
     let r = match outcome {
         RunOutcome::Correct(r) => r,
         RunOutcome::Incorrect(_) => {
-            return format!("{fixed}| NOT CORRECT | | | | | | | | |");
+            return format!("{fixed}| NOT CORRECT | | | | | | | | | |");
         }
     };
     let rate = r.rate();
@@ -292,7 +320,7 @@ pub(crate) fn markdown_row(scenario: &Scenario, outcome: &RunOutcome, cores: usi
     };
     let core_s = r.wall.as_secs_f64() * cores as f64;
     format!(
-        "{fixed}| {} | {ceiling} | {of_ceiling} | {little} | {:.1} / {:.1} | {:.2} / {:.2} | {:.1} | {:.2} | {:.0}/{:.0}/{:.0}/{:.0} |",
+        "{fixed}| {} | {ceiling} | {of_ceiling} | {little} | {:.1} / {:.1} | {:.2} / {:.2} | {:.1} | {:.2} | {:.0} | {:.0}/{:.0}/{:.0}/{:.0} |",
         thousands_f(rate),
         r.p50_ms,
         r.p99_ms,
@@ -300,6 +328,7 @@ pub(crate) fn markdown_row(scenario: &Scenario, outcome: &RunOutcome, cores: usi
         r.published_p99_s,
         r.peak_rss_mib(),
         r.cpu.daemon,
+        r.cpu_us_per_termination(),
         pct(r.cpu.daemon, core_s),
         pct(r.cpu.sandbox, core_s),
         pct(r.cpu.rabbitmq, core_s),

@@ -66,12 +66,21 @@ pub(crate) struct Report {
     pub(crate) max_in_flight: Option<u64>,
     /// The sandbox's mean answer time (arrival → answer), ms.
     pub(crate) sandbox_answer_ms: Option<f64>,
+    /// The sandbox's calls, and how many it refused with 429 and 503.
+    pub(crate) calls: u64,
+    pub(crate) throttled: u64,
+    pub(crate) busy: u64,
     pub(crate) log_lines: usize,
 }
 
 impl Report {
     pub(crate) fn rate(&self) -> f64 {
         self.requests as f64 / self.drain_s
+    }
+
+    /// The daemon's own CPU per termination, in µs.
+    pub(crate) fn cpu_us_per_termination(&self) -> f64 {
+        self.cpu.daemon * 1e6 / self.requests as f64
     }
 
     pub(crate) fn peak_rss_mib(&self) -> f64 {
@@ -214,11 +223,14 @@ async fn run_in(bench: &Bench, scenario: &Scenario, names: &Names) -> Result<Run
     // 8. Correctness.
     let audit = audit_numbers(&mut db, &published.at_epoch, scenario.batch.max(1)).await;
     let _ = db.close().await;
-    check_audit(&audit, target, &mut failures);
     let SandboxSeen {
         max_in_flight,
         answer_ms: sandbox_answer_ms,
+        calls,
+        throttled,
+        busy,
     } = check_sandbox_stats(&stats, scenario.requests, &mut failures);
+    check_audit(&audit, target, calls, &mut failures);
     check_queues_empty(&connection, &cfg, names, &mut failures).await;
     let _ = channel.close(200, "done".into()).await;
     let _ = connection.close(200, "done".into()).await;
@@ -237,8 +249,8 @@ async fn run_in(bench: &Bench, scenario: &Scenario, names: &Names) -> Result<Run
     }
     let audit = audit?;
     println!(
-        "correct: {target} outcomes, all succeeded; {target} attempts; {target} sandbox calls; \
-         request and dead-letter queues empty; daemon exit 0"
+        "correct: {target} outcomes, all succeeded; {calls} attempts; {calls} sandbox calls \
+         ({throttled} 429, {busy} 503); request and dead-letter queues empty; daemon exit 0"
     );
     let Some(drain_s) = audit.drain_s.filter(|s| *s > 0.0) else {
         bail!("the audit has no drain window");
@@ -264,6 +276,9 @@ async fn run_in(bench: &Bench, scenario: &Scenario, names: &Names) -> Result<Run
         cpu: CpuSplit::between(&daemon.cpu_start, &end, bench.clk_tck),
         max_in_flight,
         sandbox_answer_ms,
+        calls,
+        throttled,
+        busy,
         log_lines,
     })))
 }
@@ -399,7 +414,10 @@ async fn start_sandbox(
             format!("127.0.0.1:{port}"),
             "--latency".to_owned(),
             format!("{}ms", scenario.latency_ms),
-        ],
+        ]
+        .into_iter()
+        .chain(scenario.sandbox.args())
+        .collect::<Vec<_>>(),
         // One runtime thread: the sandbox stands in for a remote API, and
         // takes less of the machine the daemon is measured on this way.
         &[

@@ -31,6 +31,15 @@ pub(crate) struct Args {
     /// The daemon's RATE_LIMIT (API calls per second).
     #[arg(long)]
     rate_limit: Option<u32>,
+    /// The sandbox's gateway rate limit (429 beyond R calls/s).
+    #[arg(long, value_name = "R")]
+    sandbox_rate_limit: Option<u32>,
+    /// The sandbox's capacity (calls served at once).
+    #[arg(long, value_name = "N")]
+    sandbox_capacity: Option<u32>,
+    /// The sandbox's queue beyond its capacity (503 beyond Q waiting).
+    #[arg(long, value_name = "Q", requires = "sandbox_capacity")]
+    sandbox_queue_limit: Option<u32>,
     /// Another environment variable for the daemon (repeatable).
     #[arg(long = "extra-env", value_name = "K=V", value_parser = parse_key_value)]
     extra_env: Vec<(String, String)>,
@@ -44,7 +53,8 @@ pub(crate) struct Args {
     #[arg(
         long,
         value_enum,
-        conflicts_with_all = ["requests", "batch", "latency_ms", "concurrency", "prefetch", "rate_limit"]
+        conflicts_with_all = ["requests", "batch", "latency_ms", "concurrency", "prefetch", "rate_limit",
+            "sandbox_rate_limit", "sandbox_capacity"]
     )]
     pub(crate) suite: Option<Suite>,
     /// Most seconds a phase (pre-fill, ceiling, the daemon's drain) may take.
@@ -60,6 +70,49 @@ pub(crate) enum Suite {
     /// (a) 20k singles 0 ms C=64; (b) 20k in batches of 1,000; (c) 20k singles
     /// 50 ms C=256; (d) 20k singles 50 ms C=1024; (e) 5k singles RATE_LIMIT=500.
     Standard,
+    /// The API's limits, adaptive then fixed: (r) sandbox --rate-limit 2000,
+    /// 5 ms, C=512, 20k singles; (k) sandbox --capacity 64 --queue-limit 64,
+    /// 20 ms, C=1024, 20k singles.
+    Limits,
+    /// Singles at 50 ms at the default PREFETCH: C=64, 256 and 1024.
+    Latency50,
+}
+
+/// The sandbox's load limits in a run.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct SandboxLimits {
+    pub(crate) rate: Option<u32>,
+    pub(crate) capacity: Option<u32>,
+    pub(crate) queue_limit: Option<u32>,
+}
+
+impl SandboxLimits {
+    /// The sandbox's flags for them.
+    pub(crate) fn args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        for (flag, value) in [
+            ("--rate-limit", self.rate),
+            ("--capacity", self.capacity),
+            ("--queue-limit", self.queue_limit),
+        ] {
+            if let Some(v) = value {
+                args.extend([flag.to_owned(), v.to_string()]);
+            }
+        }
+        args
+    }
+
+    /// The most calls per second the sandbox lets succeed, if limited.
+    pub(crate) fn goodput_bound(&self, latency_ms: u64) -> Option<f64> {
+        let by_capacity = self
+            .capacity
+            .filter(|_| latency_ms > 0)
+            .map(|c| f64::from(c) * 1000.0 / latency_ms as f64);
+        match (self.rate.map(f64::from), by_capacity) {
+            (Some(r), Some(c)) => Some(r.min(c)),
+            (r, c) => r.or(c),
+        }
+    }
 }
 
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
@@ -81,6 +134,7 @@ pub(crate) struct Scenario {
     pub(crate) rate_limit: Option<u32>,
     pub(crate) ceiling: bool,
     pub(crate) extra_env: Vec<(String, String)>,
+    pub(crate) sandbox: SandboxLimits,
 }
 
 impl Scenario {
@@ -88,6 +142,8 @@ impl Scenario {
     pub(crate) fn all(args: &Args) -> Vec<Self> {
         match args.suite {
             Some(Suite::Standard) => Self::standard(args),
+            Some(Suite::Limits) => Self::limits(args),
+            Some(Suite::Latency50) => Self::latency_50(args),
             None => vec![Self::from_args(args)],
         }
     }
@@ -112,6 +168,14 @@ impl Scenario {
         for (k, v) in &a.extra_env {
             let _ = write!(label, ", {k}={v}");
         }
+        let sandbox = SandboxLimits {
+            rate: a.sandbox_rate_limit,
+            capacity: a.sandbox_capacity,
+            queue_limit: a.sandbox_queue_limit,
+        };
+        if !sandbox.args().is_empty() {
+            let _ = write!(label, ", sandbox {}", sandbox.args().join(" "));
+        }
         Self {
             label,
             requests: a.requests,
@@ -122,7 +186,65 @@ impl Scenario {
             rate_limit: a.rate_limit,
             ceiling: !a.no_ceiling,
             extra_env: a.extra_env.clone(),
+            sandbox,
         }
+    }
+
+    fn limits(a: &Args) -> Vec<Self> {
+        let run = |label: &str, latency_ms, concurrency, sandbox, fixed: bool| {
+            let mut extra_env = a.extra_env.clone();
+            if fixed {
+                extra_env.push(("CONCURRENCY_CONTROL".to_owned(), "fixed".to_owned()));
+            }
+            Scenario {
+                label: format!("{label}, {}", if fixed { "fixed" } else { "adaptive" }),
+                requests: 20_000,
+                batch: 0,
+                latency_ms,
+                concurrency,
+                prefetch: None,
+                rate_limit: None,
+                // The broker is not what limits these runs.
+                ceiling: false,
+                extra_env,
+                sandbox,
+            }
+        };
+        let rate = SandboxLimits {
+            rate: Some(2000),
+            ..SandboxLimits::default()
+        };
+        let capacity = SandboxLimits {
+            capacity: Some(64),
+            queue_limit: Some(64),
+            ..SandboxLimits::default()
+        };
+        let r = "r: rate-limited 2,000/s, 5 ms, C=512";
+        let k = "k: capacity 64 + queue 64, 20 ms, C=1024";
+        vec![
+            run(r, 5, 512, rate, false),
+            run(r, 5, 512, rate, true),
+            run(k, 20, 1024, capacity, false),
+            run(k, 20, 1024, capacity, true),
+        ]
+    }
+
+    fn latency_50(a: &Args) -> Vec<Self> {
+        [64, 256, 1024]
+            .into_iter()
+            .map(|c| Scenario {
+                label: format!("singles, 50 ms, C={c}"),
+                requests: if c == 64 { 10_000 } else { 30_000 },
+                batch: 0,
+                latency_ms: 50,
+                concurrency: c,
+                prefetch: None,
+                rate_limit: None,
+                ceiling: !a.no_ceiling,
+                extra_env: a.extra_env.clone(),
+                sandbox: SandboxLimits::default(),
+            })
+            .collect()
     }
 
     fn standard(a: &Args) -> Vec<Self> {
@@ -136,6 +258,7 @@ impl Scenario {
             rate_limit: None,
             ceiling: !a.no_ceiling,
             extra_env: a.extra_env.clone(),
+            sandbox: SandboxLimits::default(),
         };
         // Each speed scenario with the default PREFETCH (= CONCURRENCY), and
         // the two single-message ones again with a prefetch that lets

@@ -11,8 +11,14 @@ use crate::run::Names;
 use anyhow::Result;
 use lapin::Connection;
 
-/// The audit holds `target` outcomes, all succeeded, and `target` attempts.
-pub(crate) fn check_audit(audit: &Result<AuditNumbers>, target: i64, failures: &mut Vec<String>) {
+/// The audit holds `target` outcomes, all succeeded, and an attempt for
+/// each of the sandbox's `calls`.
+pub(crate) fn check_audit(
+    audit: &Result<AuditNumbers>,
+    target: i64,
+    calls: u64,
+    failures: &mut Vec<String>,
+) {
     match audit {
         Ok(a) => {
             if a.outcomes != target {
@@ -27,9 +33,9 @@ pub(crate) fn check_audit(audit: &Result<AuditNumbers>, target: i64, failures: &
                     a.succeeded
                 ));
             }
-            if a.attempts != target {
+            if u64::try_from(a.attempts).ok() != Some(calls) {
                 failures.push(format!(
-                    "termination_attempts has {} rows, expected {target}",
+                    "termination_attempts has {} rows, expected one per sandbox call: {calls}",
                     a.attempts
                 ));
             }
@@ -43,9 +49,15 @@ pub(crate) struct SandboxSeen {
     pub(crate) max_in_flight: Option<u64>,
     /// The sandbox's mean answer time (arrival → answer), ms.
     pub(crate) answer_ms: Option<f64>,
+    /// Its calls, and those it refused: 429 (its rate limit), 503 (its
+    /// capacity's queue full).
+    pub(crate) calls: u64,
+    pub(crate) throttled: u64,
+    pub(crate) busy: u64,
 }
 
-/// The sandbox got exactly `requests` calls.
+/// The sandbox got exactly `requests` calls, plus one per call its limits
+/// refused (429, 503), and answered nothing else but 200.
 pub(crate) fn check_sandbox_stats(
     stats: &Result<serde_json::Value>,
     requests: u64,
@@ -54,6 +66,9 @@ pub(crate) fn check_sandbox_stats(
     let mut seen = SandboxSeen {
         max_in_flight: None,
         answer_ms: None,
+        calls: 0,
+        throttled: 0,
+        busy: 0,
     };
     match stats {
         Ok(s) => {
@@ -64,10 +79,26 @@ pub(crate) fn check_sandbox_stats(
             {
                 seen.answer_ms = Some(us as f64 / n as f64 / 1000.0);
             }
+            let status = |code: &str| {
+                s.get("by_status")
+                    .and_then(|b| b.get(code))
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(0)
+            };
+            seen.throttled = status("429");
+            seen.busy = status("503");
+            let refused = seen.throttled + seen.busy;
+            if let Some(by_status) = s.get("by_status").and_then(serde_json::Value::as_object)
+                && let Some(other) = by_status
+                    .keys()
+                    .find(|k| !["200", "429", "503"].contains(&k.as_str()))
+            {
+                failures.push(format!("the sandbox answered {other}: {s}"));
+            }
             match s.get("calls").and_then(serde_json::Value::as_u64) {
-                Some(calls) if calls == requests => {}
+                Some(calls) if calls == requests + refused => seen.calls = calls,
                 Some(calls) => failures.push(format!(
-                    "the sandbox got {calls} calls, expected {requests}"
+                    "the sandbox got {calls} calls, expected {requests} + {refused} refused"
                 )),
                 None => failures.push(format!("the sandbox stats have no `calls`: {s}")),
             }

@@ -1,18 +1,21 @@
 //! One request through its attempts to an outcome, with at most
-//! `CONCURRENCY` API calls in flight across the whole daemon, and the
-//! per-project holds that keep credentials which do not cover a project
-//! from failing that project's requests (see `daemon::holds`).
+//! `CONCURRENCY` API calls in flight across the whole daemon (fewer while
+//! the adaptive limit backs off, see `daemon::limit`), the per-project
+//! holds that keep credentials which do not cover a project from failing
+//! that project's requests (see `daemon::holds`), and throttling that never
+//! uses up a request's attempts.
 
 use super::holds::{Holds, Role};
+use super::limit::CallLimit;
 use crate::aom::{CallError, TerminateClient};
 use crate::domain::{Attempt, ErrorKind, Outcome, ProjectId, TerminationRequest, Verdict};
 use crate::metrics::Metrics;
 use crate::retry::RetryPolicy;
+use crate::settings::ConcurrencyControl;
 use std::future::Future;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -70,7 +73,8 @@ type Limiter = governor::DefaultDirectRateLimiter;
 pub struct Dispatcher<A> {
     api: A,
     policy: RetryPolicy,
-    calls: Arc<Semaphore>,
+    /// The permits for calls in flight: CONCURRENCY, fixed or adaptive.
+    pub calls: CallLimit,
     /// `RATE_LIMIT`: call starts per second, across the daemon.
     limiter: Option<Limiter>,
     /// Set by a 429: no call starts before this instant.
@@ -91,6 +95,8 @@ pub struct Dispatcher<A> {
 pub struct Limits {
     /// `CONCURRENCY`: calls in flight at once, across the daemon.
     pub concurrency: usize,
+    /// `CONCURRENCY_CONTROL`: always `concurrency`, or fewer on overload.
+    pub control: ConcurrencyControl,
     /// `RATE_LIMIT`: call starts per second.
     pub rate_limit: Option<NonZeroU32>,
 }
@@ -114,7 +120,7 @@ impl<A: Api> Dispatcher<A> {
         Self {
             api,
             policy,
-            calls: Arc::new(Semaphore::new(limits.concurrency)),
+            calls: CallLimit::new(limits.concurrency, limits.control, Arc::clone(&metrics)),
             limiter,
             throttled_until: Mutex::new(None),
             limiter_turn: tokio::sync::Mutex::new(()),
@@ -138,6 +144,8 @@ impl<A: Api> Dispatcher<A> {
     pub async fn dispatch(&self, req: &TerminationRequest, held: &CancellationToken) -> Dispatched {
         let mut attempts = Vec::new();
         let mut counted = 0u32;
+        // Throttled answers in a row, and when the first of them came.
+        let mut throttled = (0u32, None::<Instant>);
         let end = |attempts, end| Dispatched { attempts, end };
         if self.stop.is_cancelled() || held.is_cancelled() {
             return end(attempts, End::Unfinished);
@@ -175,19 +183,34 @@ impl<A: Api> Dispatcher<A> {
             if verdict != Verdict::Unauthorized {
                 self.holds.seen(project);
             }
+            let is_throttled = attempt.is_throttled();
+            if !is_throttled {
+                throttled = (0, None);
+            }
             attempts.push(attempt);
             match verdict {
                 Verdict::Succeeded => return end(attempts, End::Final(Outcome::Succeeded)),
                 Verdict::Permanent => return end(attempts, End::Final(Outcome::FailedPermanent)),
                 Verdict::Retryable { retry_after } => {
-                    counted += 1;
-                    let throttled =
-                        attempts.last().and_then(|a| a.error_kind) == Some(ErrorKind::Throttled);
-                    let Some(delay) = self.policy.delay(counted, retry_after, fastrand::f64())
-                    else {
+                    let unit = fastrand::f64();
+                    let delay = if is_throttled {
+                        // "Later", not "no": not counted; only a throttling
+                        // that outlasts THROTTLE_GIVE_UP ends the request.
+                        let (in_a_row, since) = &mut throttled;
+                        *in_a_row += 1;
+                        let since = *since.get_or_insert_with(Instant::now);
+                        self.policy
+                            .throttled(*in_a_row, since.elapsed(), retry_after, unit)
+                    } else {
+                        counted += 1;
+                        self.policy.delay(counted, retry_after, unit)
+                    };
+                    let Some(delay) = delay else {
                         return end(attempts, End::Final(Outcome::FailedRetriesExhausted));
                     };
-                    if throttled {
+                    if attempts.last().and_then(|a| a.error_kind) == Some(ErrorKind::Throttled)
+                        && self.calls.holds_on_429()
+                    {
                         self.throttle(delay);
                     }
                     tracing::debug!(
@@ -227,8 +250,9 @@ impl<A: Api> Dispatcher<A> {
         }
     }
 
-    /// A 429: the API wants fewer calls from all of us, not a retry from
-    /// each task on its own schedule. Hold every call start for `delay`.
+    /// A 429 with a fixed limit: the API wants fewer calls from all of us,
+    /// not a retry from each task on its own schedule. Hold every call
+    /// start for `delay`.
     fn throttle(&self, delay: Duration) {
         let until = Instant::now() + delay;
         let mut held = self
@@ -272,7 +296,7 @@ impl<A: Api> Dispatcher<A> {
     /// not made if it fires while the call waits for its turn.
     async fn call(&self, req: &TerminationRequest, held: Option<&CancellationToken>) -> Call {
         let work = async {
-            let Ok(_permit) = self.calls.acquire().await else {
+            let Some(permit) = self.calls.acquire().await else {
                 return Call::Aborted; // the semaphore is never closed
             };
             self.pace().await;
@@ -285,6 +309,7 @@ impl<A: Api> Dispatcher<A> {
             match answer {
                 Ok(attempt) => {
                     self.metrics.answered(&attempt);
+                    permit.answered(&attempt);
                     Call::Answered(attempt)
                 }
                 Err(e) => Call::Refused(e),

@@ -10,6 +10,7 @@ mod dispatch;
 mod holds;
 mod http;
 mod in_flight;
+mod limit;
 mod mover;
 mod pipeline;
 mod ports;
@@ -133,6 +134,7 @@ async fn serve(
         initial: cfg.backoff_initial,
         max: cfg.backoff_max,
         max_attempts: cfg.max_attempts,
+        throttle_give_up: cfg.throttle_give_up,
     };
     let metrics = Arc::new(Metrics::new());
     metrics.set_concurrency(cfg.concurrency);
@@ -157,6 +159,7 @@ async fn serve(
             policy,
             Limits {
                 concurrency: cfg.concurrency,
+                control: cfg.concurrency_control,
                 rate_limit: cfg.rate_limit,
             },
             Arc::clone(&metrics),

@@ -11,7 +11,7 @@ use crate::domain::{
     Attempt, DeadLetter, ErrorKind, Header, ProjectId, TerminationRequest, Verdict,
 };
 use crate::sandbox::{Sandbox, SandboxArgs};
-use crate::settings::AuthSettings;
+use crate::settings::{AuthSettings, ConcurrencyControl};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 use tokio::sync::Notify;
@@ -163,9 +163,18 @@ impl FakeApi {
     }
 }
 
+/// In a script: a 503 with `Retry-After: 1` (the backend's queue is full).
+const BUSY: u16 = 1503;
+
 /// An attempt as the AOM adapter classifies `status` (429 asks for 2 s).
-fn answer(status: u16) -> Attempt {
+pub(super) fn answer(status: u16) -> Attempt {
     let (verdict, error_kind) = match status {
+        BUSY => (
+            Verdict::Retryable {
+                retry_after: Some(Duration::from_secs(1)),
+            },
+            Some(ErrorKind::ServerError),
+        ),
         200..=299 => (Verdict::Succeeded, None),
         401 => (Verdict::Unauthorized, Some(ErrorKind::Unauthorized)),
         429 => (
@@ -183,7 +192,7 @@ fn answer(status: u16) -> Attempt {
     Attempt {
         started_at: chrono::Utc::now(),
         latency: Duration::ZERO,
-        http_status: Some(status),
+        http_status: Some(if status == BUSY { 503 } else { status }),
         error_kind,
         error_code: None,
         error_msg: None,
@@ -250,6 +259,17 @@ pub(super) fn world<A: Api>(
     max_attempts: u32,
     tune: impl FnOnce(&mut FakeStore, &mut FakeLetters),
 ) -> World<A> {
+    let hour = Duration::from_secs(3600);
+    world_with(api, max_attempts, hour, ConcurrencyControl::Adaptive, tune)
+}
+
+fn world_with<A: Api>(
+    api: A,
+    max_attempts: u32,
+    throttle_give_up: Duration,
+    control: ConcurrencyControl,
+    tune: impl FnOnce(&mut FakeStore, &mut FakeLetters),
+) -> World<A> {
     let log = Arc::new(Log::default());
     let mut store = FakeStore {
         log: Arc::clone(&log),
@@ -266,6 +286,7 @@ pub(super) fn world<A: Api>(
         initial: Duration::from_millis(10),
         max: Duration::from_millis(50),
         max_attempts,
+        throttle_give_up,
     };
     let (holds, released) = Holds::new(Arc::clone(&metrics));
     let dispatcher = Dispatcher::new(
@@ -273,6 +294,7 @@ pub(super) fn world<A: Api>(
         policy,
         Limits {
             concurrency: 8,
+            control,
             rate_limit: None,
         },
         Arc::clone(&metrics),
@@ -490,8 +512,14 @@ async fn retryable_answers_count_until_the_attempts_run_out() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_429_holds_every_call_for_its_retry_after() {
-    let w = Arc::new(world(FakeApi::scripted(&[("ex-a", &[429])]), 3, |_, _| {}));
+async fn with_a_fixed_limit_a_429_holds_every_call_for_its_retry_after() {
+    let w = Arc::new(world_with(
+        FakeApi::scripted(&[("ex-a", &[429])]),
+        3,
+        Duration::from_secs(3600),
+        ConcurrencyControl::Fixed,
+        |_, _| {},
+    ));
     let started = Instant::now();
     let first = {
         let w = Arc::clone(&w);
@@ -682,3 +710,5 @@ async fn the_real_client_against_the_sandbox_classifies_and_retries() {
     assert_eq!(sandbox.sandbox().calls_for(PROJECT, "wf", "e500-a"), 3);
     assert_eq!(events.last(), Some(&Event::Acked));
 }
+
+mod throttling;

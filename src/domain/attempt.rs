@@ -63,3 +63,53 @@ pub struct Attempt {
     /// The host of the endpoint called.
     pub endpoint_host: Option<String>,
 }
+
+impl Attempt {
+    /// The API said "later", not "no": a 429, or a 503 with `Retry-After`.
+    /// Such an answer does not count toward `MAX_ATTEMPTS`; only
+    /// `THROTTLE_GIVE_UP` ends a request that gets nothing else.
+    pub fn is_throttled(&self) -> bool {
+        match (self.http_status, self.verdict) {
+            (Some(429), Verdict::Retryable { .. }) => true,
+            (Some(503), Verdict::Retryable { retry_after }) => retry_after.is_some(),
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answered(status: u16, retry_after: Option<Duration>) -> Attempt {
+        Attempt {
+            started_at: Utc::now(),
+            latency: Duration::ZERO,
+            http_status: Some(status),
+            error_kind: Some(ErrorKind::ServerError),
+            error_code: None,
+            error_msg: None,
+            body_excerpt: None,
+            verdict: Verdict::Retryable { retry_after },
+            auth_generation: 0,
+            region: None,
+            endpoint_host: None,
+        }
+    }
+
+    #[test]
+    fn throttling_is_a_429_or_a_503_that_says_when() {
+        let later = Some(Duration::from_secs(1));
+        assert!(answered(429, None).is_throttled());
+        assert!(answered(429, later).is_throttled());
+        assert!(answered(503, later).is_throttled());
+        assert!(!answered(503, None).is_throttled());
+        assert!(!answered(500, later).is_throttled());
+        let network = Attempt {
+            http_status: None,
+            error_kind: Some(ErrorKind::Timeout),
+            ..answered(0, None)
+        };
+        assert!(!network.is_throttled());
+    }
+}

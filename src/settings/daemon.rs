@@ -6,6 +6,15 @@ use super::broker::{AmqpSettings, BrokerArgs};
 use super::database::{DatabaseArgs, DatabaseSettings};
 use super::endpoint::AomEndpoint;
 use super::{ConfigError, MetricsAddr, metrics_addr, millis, read_pem, seconds};
+
+/// `CONCURRENCY_CONTROL`: how the calls in flight are limited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ConcurrencyControl {
+    /// At most CONCURRENCY; fewer while the API signals overload.
+    Adaptive,
+    /// Always CONCURRENCY.
+    Fixed,
+}
 use clap::Args;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
@@ -35,7 +44,12 @@ pub struct RunArgs {
     /// Most API calls in flight at once, across all messages.
     #[arg(long, env = "CONCURRENCY", default_value_t = 64)]
     pub concurrency: u32,
-    /// Most unacked messages held at once (default: CONCURRENCY).
+    /// How the number of calls in flight is chosen: `adaptive` (at most
+    /// CONCURRENCY, fewer while the API signals overload) or `fixed`
+    /// (always CONCURRENCY).
+    #[arg(long, env = "CONCURRENCY_CONTROL", value_enum, default_value_t = ConcurrencyControl::Adaptive)]
+    pub concurrency_control: ConcurrencyControl,
+    /// Most unacked messages held at once (default: 2 × CONCURRENCY).
     #[arg(long, env = "PREFETCH")]
     pub prefetch: Option<u16>,
     /// Most requests parsed and held at once, across messages (default:
@@ -46,7 +60,12 @@ pub struct RunArgs {
     /// Most API calls started per second, across the daemon (default: no limit).
     #[arg(long, env = "RATE_LIMIT")]
     pub rate_limit: Option<u32>,
-    /// Attempts per request, counting the first (401 answers do not count).
+    /// How long a request may be throttled (429, or 503 with Retry-After)
+    /// with no other answer before it ends `failed_retries_exhausted`; a
+    /// number is seconds (`3600`, `1h`).
+    #[arg(long, env = "THROTTLE_GIVE_UP", default_value = "1h", value_parser = seconds)]
+    pub throttle_give_up: Duration,
+    /// Attempts per request, counting the first (401 and throttled answers do not count).
     #[arg(long, env = "MAX_ATTEMPTS", default_value_t = 5)]
     pub max_attempts: u32,
     /// First retry delay cap; a number is milliseconds (`200`, `1s`).
@@ -76,10 +95,12 @@ pub struct DaemonConfig {
     pub aom_ca_pem: Option<String>,
     pub auth: AuthSettings,
     pub concurrency: usize,
+    pub concurrency_control: ConcurrencyControl,
     pub prefetch: u16,
     pub prefetch_requests: usize,
     pub rate_limit: Option<NonZeroU32>,
     pub max_attempts: u32,
+    pub throttle_give_up: Duration,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
     pub http_timeout: Duration,
@@ -99,7 +120,10 @@ impl RunArgs {
         let prefetch = match self.prefetch {
             Some(0) => return err("PREFETCH must be at least 1".to_owned()),
             Some(p) => p,
-            None => u16::try_from(self.concurrency).unwrap_or(u16::MAX),
+            // Twice the calls: while one message's call is in flight, the
+            // next waits in the dedupe lookup and the audit, so that
+            // CONCURRENCY calls stay in flight (BENCHMARKS.md).
+            None => u16::try_from(2 * self.concurrency).unwrap_or(u16::MAX),
         };
         let prefetch_requests = match self.prefetch_requests {
             Some(0) => return err("PREFETCH_REQUESTS must be at least 1".to_owned()),
@@ -119,6 +143,9 @@ impl RunArgs {
         if self.backoff_initial_ms.is_zero() || self.backoff_initial_ms > self.backoff_max_ms {
             return err("BACKOFF_INITIAL_MS must be above 0 and at most BACKOFF_MAX_MS".to_owned());
         }
+        if self.throttle_give_up.is_zero() {
+            return err("THROTTLE_GIVE_UP must be above 0".to_owned());
+        }
         if self.http_timeout_ms.is_zero() {
             return err("HTTP_TIMEOUT_MS must be above 0".to_owned());
         }
@@ -133,10 +160,12 @@ impl RunArgs {
             aom_ca_pem,
             auth,
             concurrency: self.concurrency as usize,
+            concurrency_control: self.concurrency_control,
             prefetch,
             prefetch_requests,
             rate_limit,
             max_attempts: self.max_attempts,
+            throttle_give_up: self.throttle_give_up,
             backoff_initial: self.backoff_initial_ms,
             backoff_max: self.backoff_max_ms,
             http_timeout: self.http_timeout_ms,
@@ -177,7 +206,9 @@ mod tests {
     fn defaults_validate() {
         let cfg = run_args(&[]).expect("parses").validate().expect("valid");
         assert_eq!(cfg.concurrency, 64);
-        assert_eq!(cfg.prefetch, 64, "PREFETCH defaults to CONCURRENCY");
+        assert_eq!(cfg.prefetch, 128, "PREFETCH defaults to 2 × CONCURRENCY");
+        assert_eq!(cfg.concurrency_control, ConcurrencyControl::Adaptive);
+        assert_eq!(cfg.throttle_give_up, Duration::from_secs(3600));
         assert_eq!(cfg.max_attempts, 5);
         assert_eq!(cfg.backoff_initial, Duration::from_millis(200));
         assert_eq!(cfg.backoff_max, Duration::from_secs(10));
@@ -212,6 +243,7 @@ mod tests {
         assert!(msg.contains("AMQP_URL"), "{msg}");
         assert!(!msg.contains("hunter2"), "{msg}");
         assert!(error(&["--concurrency", "0"]).contains("CONCURRENCY"));
+        assert!(error(&["--throttle-give-up", "0"]).contains("THROTTLE_GIVE_UP"));
         assert!(error(&["--backoff-initial-ms", "20000"]).contains("BACKOFF_INITIAL_MS"));
         assert!(error(&["--aom-endpoint", "ftp://x"]).contains("AOM_ENDPOINT"));
         assert!(error(&["--database-url", "mysql://x"]).contains("DATABASE_URL"));

@@ -1,5 +1,6 @@
 //! End to end: RabbitMQ → daemon → sandbox API → Postgres audit.
 
+mod adaptive;
 mod auth;
 mod binary;
 mod campaigns;
@@ -39,7 +40,10 @@ async fn every_answer_is_classified_retried_and_audited() {
     ];
     let elements: Vec<String> = cases.iter().map(|(id, ex)| request(id, ex)).collect();
     env.publish(&batch(&elements), Some("m-classify")).await;
-    let daemon = env.start_daemon(&["--http-timeout-ms", "300"]);
+    // A 429 does not count toward MAX_ATTEMPTS: the throttled request ends
+    // when THROTTLE_GIVE_UP has passed (its Retry-After is 1 s: the third
+    // 429 comes 2 s after the first).
+    let daemon = env.start_daemon(&["--http-timeout-ms", "300", "--throttle-give-up", "1500ms"]);
     env.wait_outcomes(cases.len() as i64).await;
 
     let expect =

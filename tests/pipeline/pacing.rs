@@ -37,7 +37,16 @@ async fn rate_limit_spaces_out_call_starts() {
 #[tokio::test]
 async fn a_429_holds_every_call_for_its_retry_after() {
     let env = TestEnv::new().await;
-    let daemon = env.start_daemon(&["--max-attempts", "2"]);
+    // A fixed limit: an adaptive one cuts itself instead of holding (see
+    // adaptive.rs). The 429s do not count; THROTTLE_GIVE_UP ends the request.
+    let daemon = env.start_daemon(&[
+        "--max-attempts",
+        "2",
+        "--concurrency-control",
+        "fixed",
+        "--throttle-give-up",
+        "1500ms",
+    ]);
     // The sandbox answers 429 with Retry-After: 1.
     env.publish(&request("throttled", "e429-x"), None).await;
     eventually("the 429", || async {

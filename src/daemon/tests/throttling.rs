@@ -1,0 +1,116 @@
+//! Throttling (429, 503 with `Retry-After`) through the dispatcher: it
+//! never uses up a request's attempts, `THROTTLE_GIVE_UP` ends it, and the
+//! adaptive limit takes the place of the global hold.
+
+use super::*;
+
+fn calls_to(w: &World<FakeApi>, ex: &str) -> Vec<Instant> {
+    w.pipeline
+        .dispatcher
+        .api()
+        .calls()
+        .into_iter()
+        .filter(|(e, _)| e == ex)
+        .map(|(_, t)| t)
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn throttled_answers_do_not_count_toward_max_attempts() {
+    // MAX_ATTEMPTS=2: one 500 may be retried; the 429s and the busy 503s
+    // around it do not count.
+    let script: &[u16] = &[429, BUSY, 429, 500, 429, 429, BUSY, 200];
+    let w = world(FakeApi::scripted(&[("ex-1", script)]), 2, |_, _| {});
+    assert_eq!(
+        run_one(&w, message(&[("r1", "ex-1")])).await,
+        Handled::Settled
+    );
+    assert_eq!(
+        calls_to(&w, "ex-1").len(),
+        script.len(),
+        "every one retried"
+    );
+    assert!(w.log.events().contains(&committed("r1", "succeeded")));
+
+    // A 503 without Retry-After is a server error like any other: counted.
+    let w = world(FakeApi::scripted(&[("ex-1", &[503, 503])]), 2, |_, _| {});
+    run_one(&w, message(&[("r1", "ex-1")])).await;
+    assert_eq!(calls_to(&w, "ex-1").len(), 2);
+    assert!(
+        w.log
+            .events()
+            .contains(&committed("r1", "failed_retries_exhausted"))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_throttled_for_throttle_give_up_ends_failed_retries_exhausted() {
+    let w = world_with(
+        FakeApi::scripted(&[("ex-1", &[429; 10_000])]),
+        5,
+        Duration::from_secs(30),
+        ConcurrencyControl::Adaptive,
+        |_, _| {},
+    );
+    let started = Instant::now();
+    assert_eq!(
+        run_one(&w, message(&[("r1", "ex-1")])).await,
+        Handled::Settled
+    );
+    assert!(
+        w.log
+            .events()
+            .contains(&committed("r1", "failed_retries_exhausted"))
+    );
+    // Each 429 asks for 2 s: about 15 calls in 30 s, far more than the 5
+    // attempts.
+    let calls = calls_to(&w, "ex-1");
+    assert!(calls.len() >= 10, "{} calls", calls.len());
+    let last = calls.last().map(|t| *t - started).unwrap_or_default();
+    assert!(last >= Duration::from_secs(30), "gave up after {last:?}");
+    assert!(last < Duration::from_secs(40), "gave up after {last:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_adaptive_limit_cuts_on_429s_instead_of_holding_every_call() {
+    // Eight calls at once (the world's CONCURRENCY), all throttled once.
+    let ids: Vec<(String, String)> = (0..8)
+        .map(|i| (format!("r{i}"), format!("ex-{i}")))
+        .collect();
+    let script: Vec<(&str, &[u16])> = ids
+        .iter()
+        .map(|(_, ex)| (ex.as_str(), &[429][..]))
+        .collect();
+    let w = Arc::new(world(FakeApi::scripted(&script), 3, |_, _| {}));
+    let refs: Vec<(&str, &str)> = ids.iter().map(|(r, e)| (r.as_str(), e.as_str())).collect();
+    let started = Instant::now();
+    let first = {
+        let (w, msg) = (Arc::clone(&w), message(&refs));
+        tokio::spawn(async move { run_one(&w, msg).await })
+    };
+    while w.pipeline.dispatcher.api().calls().len() < 8 {
+        tokio::task::yield_now().await;
+    }
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    // A window of eight 429s: the limit is cut to a quarter...
+    assert_eq!(w.pipeline.dispatcher.calls.current(), 2);
+    assert!(
+        w.pipeline
+            .metrics
+            .encode()
+            .contains("aom_terminator_concurrency_limit 2")
+    );
+    // ...and a request that comes now is called at once: no global hold.
+    assert_eq!(
+        run_one(&w, message(&[("b", "ex-b")])).await,
+        Handled::Settled
+    );
+    assert_eq!(calls_to(&w, "ex-b"), [started]);
+    assert_eq!(first.await.expect("joined"), Handled::Settled);
+    let events = w.log.events();
+    for (id, _) in &ids {
+        assert!(events.contains(&committed(id, "succeeded")), "{id}");
+    }
+}
