@@ -211,7 +211,12 @@ impl<A: Api> Dispatcher<A> {
                     if attempts.last().and_then(|a| a.error_kind) == Some(ErrorKind::Throttled)
                         && self.calls.holds_on_429()
                     {
-                        self.throttle(delay);
+                        // The hold is what the API asked for (its
+                        // Retry-After), not this request's own backoff:
+                        // throttles no longer end requests, so backoffs
+                        // grow to BACKOFF_MAX_MS, and holding everyone for
+                        // the longest of them stalled a fixed limit.
+                        self.throttle(retry_after.unwrap_or(delay).min(delay));
                     }
                     tracing::debug!(
                         request_id = %req.request_id,
