@@ -25,6 +25,7 @@ const ALERT_NAMES: &[&str] = &[
     "AomTerminatorDown",
     "AomTerminatorNotReady",
     "AomTerminatorPaused",
+    "AomTerminatorProjectHeld",
     "AomTerminatorDeadLettersGrowing",
     "AomTerminatorRetriesExhaustedHigh",
     "AomTerminatorQueueNotDraining",
@@ -122,6 +123,7 @@ fn exported() -> BTreeSet<String> {
         region: None,
         endpoint_host: None,
     });
+    metrics.set_project_held("bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb", true);
     metrics
         .encode()
         .lines()
