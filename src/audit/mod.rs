@@ -9,6 +9,7 @@
 //! its previous query. Both keep their own connection ([`kept`]).
 
 pub mod campaigns;
+pub mod fold;
 mod kept;
 mod lookups;
 pub mod prune;
