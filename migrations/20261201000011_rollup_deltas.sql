@@ -9,11 +9,28 @@
 -- `audit prune` before they read. termination_summary adds the deltas not yet
 -- folded, so SQL over it is exact too.
 --
--- The deltas have the rollups' columns (LIKE copies the NOT NULLs, not the
--- unique key): one row per statement and key, signed like the rollups'.
+-- The outcomes' deltas have their rollup's columns (LIKE copies the NOT
+-- NULLs, not the unique key): one row per statement and key, signed like the
+-- rollups'.
 
 CREATE TABLE termination_rollup_outcomes_delta (LIKE termination_rollup_outcomes);
-CREATE TABLE termination_rollup_attempts_delta (LIKE termination_rollup_attempts);
+-- The attempts' deltas are narrow: a row per statement, key and latency bucket
+-- (`bucket` i: the calls above bound i-1 and at most bound i of
+-- termination_latency_bounds_ms(), 29 above the last; null for attempts
+-- without an HTTP answer). The fold turns them into the cumulative le_Xms.
+-- Aggregating 28 cumulative buckets in every flush's trigger was most of its
+-- cost.
+CREATE TABLE termination_rollup_attempts_delta (
+    hour            timestamptz NOT NULL,
+    project_id      text,
+    workflow_id     text,
+    requested_by    text,
+    campaign_id     text,
+    bucket          smallint,
+    attempts        bigint NOT NULL,
+    calls           bigint NOT NULL,
+    latency_ms_sum  double precision NOT NULL
+);
 
 CREATE OR REPLACE FUNCTION termination_rollup_outcomes_add() RETURNS trigger
 LANGUAGE plpgsql AS $$
@@ -54,44 +71,20 @@ LANGUAGE plpgsql AS $$
 DECLARE
     sign bigint := TG_ARGV[0]::bigint;
 BEGIN
+    -- width_bucket over the negated bounds, ascending, counts the bounds at
+    -- or above the latency: 29 minus that is the first bound it fits under.
     INSERT INTO termination_rollup_attempts_delta
-        (hour, project_id, workflow_id, requested_by, campaign_id, attempts, calls, latency_ms_sum,
-         le_1ms, le_2ms, le_3ms, le_5ms, le_7ms, le_10ms, le_15ms, le_20ms, le_30ms, le_50ms, le_70ms, le_100ms, le_150ms, le_200ms, le_300ms, le_500ms, le_700ms, le_1000ms, le_1500ms, le_2000ms, le_3000ms, le_5000ms, le_7000ms, le_10000ms, le_15000ms, le_20000ms, le_30000ms, le_60000ms)
+        (hour, project_id, workflow_id, requested_by, campaign_id, bucket, attempts, calls,
+         latency_ms_sum)
     SELECT date_bin('1 hour', started_at, timestamptz '2000-01-01 00:00:00+00'),
            project_id, workflow_id, requested_by, campaign_id,
+           CASE WHEN http_status IS NOT NULL THEN 29 - width_bucket(-latency_ms,
+               ARRAY[-60000, -30000, -20000, -15000, -10000, -7000, -5000, -3000, -2000, -1500, -1000, -700, -500, -300, -200, -150, -100, -70, -50, -30, -20, -15, -10, -7, -5, -3, -2, -1]::double precision[]) END,
            sign * count(*),
-           sign * count(*) FILTER (WHERE http_status IS NOT NULL),
-           sign * coalesce(sum(latency_ms) FILTER (WHERE http_status IS NOT NULL), 0),
-           sign * count(*) FILTER (WHERE http_status IS NOT NULL AND latency_ms <= 1),
-           sign * count(*) FILTER (WHERE http_status IS NOT NULL AND latency_ms <= 2),
-           sign * count(*) FILTER (WHERE http_status IS NOT NULL AND latency_ms <= 3),
-           sign * count(*) FILTER (WHERE http_status IS NOT NULL AND latency_ms <= 5),
-           sign * count(*) FILTER (WHERE http_status IS NOT NULL AND latency_ms <= 7),
-           sign * count(*) FILTER (WHERE http_status IS NOT NULL AND latency_ms <= 10),
-           sign * count(*) FILTER (WHERE http_status IS NOT NULL AND latency_ms <= 15),
-           sign * count(*) FILTER (WHERE http_status IS NOT NULL AND latency_ms <= 20),
-           sign * count(*) FILTER (WHERE http_status IS NOT NULL AND latency_ms <= 30),
-           sign * count(*) FILTER (WHERE http_status IS NOT NULL AND latency_ms <= 50),
-           sign * count(*) FILTER (WHERE http_status IS NOT NULL AND latency_ms <= 70),
-           sign * count(*) FILTER (WHERE http_status IS NOT NULL AND latency_ms <= 100),
-           sign * count(*) FILTER (WHERE http_status IS NOT NULL AND latency_ms <= 150),
-           sign * count(*) FILTER (WHERE http_status IS NOT NULL AND latency_ms <= 200),
-           sign * count(*) FILTER (WHERE http_status IS NOT NULL AND latency_ms <= 300),
-           sign * count(*) FILTER (WHERE http_status IS NOT NULL AND latency_ms <= 500),
-           sign * count(*) FILTER (WHERE http_status IS NOT NULL AND latency_ms <= 700),
-           sign * count(*) FILTER (WHERE http_status IS NOT NULL AND latency_ms <= 1000),
-           sign * count(*) FILTER (WHERE http_status IS NOT NULL AND latency_ms <= 1500),
-           sign * count(*) FILTER (WHERE http_status IS NOT NULL AND latency_ms <= 2000),
-           sign * count(*) FILTER (WHERE http_status IS NOT NULL AND latency_ms <= 3000),
-           sign * count(*) FILTER (WHERE http_status IS NOT NULL AND latency_ms <= 5000),
-           sign * count(*) FILTER (WHERE http_status IS NOT NULL AND latency_ms <= 7000),
-           sign * count(*) FILTER (WHERE http_status IS NOT NULL AND latency_ms <= 10000),
-           sign * count(*) FILTER (WHERE http_status IS NOT NULL AND latency_ms <= 15000),
-           sign * count(*) FILTER (WHERE http_status IS NOT NULL AND latency_ms <= 20000),
-           sign * count(*) FILTER (WHERE http_status IS NOT NULL AND latency_ms <= 30000),
-           sign * count(*) FILTER (WHERE http_status IS NOT NULL AND latency_ms <= 60000)
+           sign * count(http_status),
+           sign * coalesce(sum(latency_ms) FILTER (WHERE http_status IS NOT NULL), 0)
     FROM changed
-    GROUP BY 1, 2, 3, 4, 5;
+    GROUP BY 1, 2, 3, 4, 5, 6;
     RETURN NULL;
 END
 $$;
@@ -128,7 +121,17 @@ BEGIN
          le_1ms, le_2ms, le_3ms, le_5ms, le_7ms, le_10ms, le_15ms, le_20ms, le_30ms, le_50ms, le_70ms, le_100ms, le_150ms, le_200ms, le_300ms, le_500ms, le_700ms, le_1000ms, le_1500ms, le_2000ms, le_3000ms, le_5000ms, le_7000ms, le_10000ms, le_15000ms, le_20000ms, le_30000ms, le_60000ms)
         SELECT hour, project_id, workflow_id, requested_by, campaign_id,
            sum(attempts), sum(calls), sum(latency_ms_sum),
-           sum(le_1ms), sum(le_2ms), sum(le_3ms), sum(le_5ms), sum(le_7ms), sum(le_10ms), sum(le_15ms), sum(le_20ms), sum(le_30ms), sum(le_50ms), sum(le_70ms), sum(le_100ms), sum(le_150ms), sum(le_200ms), sum(le_300ms), sum(le_500ms), sum(le_700ms), sum(le_1000ms), sum(le_1500ms), sum(le_2000ms), sum(le_3000ms), sum(le_5000ms), sum(le_7000ms), sum(le_10000ms), sum(le_15000ms), sum(le_20000ms), sum(le_30000ms), sum(le_60000ms)
+           -- le_Xms: the calls in bucket i or below, for each bound i
+           coalesce(sum(calls) FILTER (WHERE bucket <= 1), 0), coalesce(sum(calls) FILTER (WHERE bucket <= 2), 0), coalesce(sum(calls) FILTER (WHERE bucket <= 3), 0),
+           coalesce(sum(calls) FILTER (WHERE bucket <= 4), 0), coalesce(sum(calls) FILTER (WHERE bucket <= 5), 0), coalesce(sum(calls) FILTER (WHERE bucket <= 6), 0),
+           coalesce(sum(calls) FILTER (WHERE bucket <= 7), 0), coalesce(sum(calls) FILTER (WHERE bucket <= 8), 0), coalesce(sum(calls) FILTER (WHERE bucket <= 9), 0),
+           coalesce(sum(calls) FILTER (WHERE bucket <= 10), 0), coalesce(sum(calls) FILTER (WHERE bucket <= 11), 0), coalesce(sum(calls) FILTER (WHERE bucket <= 12), 0),
+           coalesce(sum(calls) FILTER (WHERE bucket <= 13), 0), coalesce(sum(calls) FILTER (WHERE bucket <= 14), 0), coalesce(sum(calls) FILTER (WHERE bucket <= 15), 0),
+           coalesce(sum(calls) FILTER (WHERE bucket <= 16), 0), coalesce(sum(calls) FILTER (WHERE bucket <= 17), 0), coalesce(sum(calls) FILTER (WHERE bucket <= 18), 0),
+           coalesce(sum(calls) FILTER (WHERE bucket <= 19), 0), coalesce(sum(calls) FILTER (WHERE bucket <= 20), 0), coalesce(sum(calls) FILTER (WHERE bucket <= 21), 0),
+           coalesce(sum(calls) FILTER (WHERE bucket <= 22), 0), coalesce(sum(calls) FILTER (WHERE bucket <= 23), 0), coalesce(sum(calls) FILTER (WHERE bucket <= 24), 0),
+           coalesce(sum(calls) FILTER (WHERE bucket <= 25), 0), coalesce(sum(calls) FILTER (WHERE bucket <= 26), 0), coalesce(sum(calls) FILTER (WHERE bucket <= 27), 0),
+           coalesce(sum(calls) FILTER (WHERE bucket <= 28), 0)
         FROM d
         GROUP BY 1, 2, 3, 4, 5
         ORDER BY 1, 2, 3, 4, 5
@@ -202,6 +205,9 @@ FROM (
     SELECT hour, project_id, workflow_id, requested_by, campaign_id, NULL, NULL, attempts, calls,
            le_1ms, le_2ms, le_3ms, le_5ms, le_7ms, le_10ms, le_15ms, le_20ms, le_30ms, le_50ms, le_70ms, le_100ms, le_150ms, le_200ms, le_300ms, le_500ms, le_700ms, le_1000ms, le_1500ms, le_2000ms, le_3000ms, le_5000ms, le_7000ms, le_10000ms, le_15000ms, le_20000ms, le_30000ms, le_60000ms
     FROM (SELECT * FROM termination_rollup_attempts
-          UNION ALL SELECT * FROM termination_rollup_attempts_delta) ra
+          UNION ALL
+          SELECT hour, project_id, workflow_id, requested_by, campaign_id, attempts, calls,
+                 latency_ms_sum, CASE WHEN bucket <= 1 THEN calls ELSE 0 END, CASE WHEN bucket <= 2 THEN calls ELSE 0 END, CASE WHEN bucket <= 3 THEN calls ELSE 0 END, CASE WHEN bucket <= 4 THEN calls ELSE 0 END, CASE WHEN bucket <= 5 THEN calls ELSE 0 END, CASE WHEN bucket <= 6 THEN calls ELSE 0 END, CASE WHEN bucket <= 7 THEN calls ELSE 0 END, CASE WHEN bucket <= 8 THEN calls ELSE 0 END, CASE WHEN bucket <= 9 THEN calls ELSE 0 END, CASE WHEN bucket <= 10 THEN calls ELSE 0 END, CASE WHEN bucket <= 11 THEN calls ELSE 0 END, CASE WHEN bucket <= 12 THEN calls ELSE 0 END, CASE WHEN bucket <= 13 THEN calls ELSE 0 END, CASE WHEN bucket <= 14 THEN calls ELSE 0 END, CASE WHEN bucket <= 15 THEN calls ELSE 0 END, CASE WHEN bucket <= 16 THEN calls ELSE 0 END, CASE WHEN bucket <= 17 THEN calls ELSE 0 END, CASE WHEN bucket <= 18 THEN calls ELSE 0 END, CASE WHEN bucket <= 19 THEN calls ELSE 0 END, CASE WHEN bucket <= 20 THEN calls ELSE 0 END, CASE WHEN bucket <= 21 THEN calls ELSE 0 END, CASE WHEN bucket <= 22 THEN calls ELSE 0 END, CASE WHEN bucket <= 23 THEN calls ELSE 0 END, CASE WHEN bucket <= 24 THEN calls ELSE 0 END, CASE WHEN bucket <= 25 THEN calls ELSE 0 END, CASE WHEN bucket <= 26 THEN calls ELSE 0 END, CASE WHEN bucket <= 27 THEN calls ELSE 0 END, CASE WHEN bucket <= 28 THEN calls ELSE 0 END
+          FROM termination_rollup_attempts_delta) ra
 ) r
 GROUP BY hour, project_id, workflow_id, requested_by, campaign_id;
