@@ -592,3 +592,32 @@ async fn a_report_right_after_a_hand_written_insert_counts_it() {
         "the report folded them"
     );
 }
+
+#[tokio::test]
+async fn the_running_daemon_folds_its_own_deltas() {
+    let env = TestEnv::new().await;
+    publish_mixed(&env, "fd", 20).await;
+    let daemon = env.start_daemon(&[]);
+    env.wait_outcomes(20).await;
+    // No report and no fold by hand: the daemon's fold task empties the
+    // deltas into the rollups while it runs.
+    eventually("the daemon to fold its deltas", || async {
+        env.count(
+            "SELECT (SELECT count(*) FROM termination_rollup_outcomes_delta) \
+               + (SELECT count(*) FROM termination_rollup_attempts_delta)",
+        )
+        .await
+            == 0
+            && env
+                .count("SELECT coalesce(sum(requests), 0)::bigint FROM termination_rollup_outcomes")
+                .await
+                == 20
+    })
+    .await;
+    assert_eq!(
+        env.count("SELECT sum(attempts)::bigint FROM termination_rollup_attempts")
+            .await,
+        env.count("SELECT count(*) FROM termination_attempts").await
+    );
+    daemon.stop().await;
+}
