@@ -177,6 +177,7 @@ impl Reports {
     /// campaign's hours, not its requests, and keeps the counts of rows a
     /// prune removed.
     pub async fn campaign_errors(&self, id: &str) -> Result<Vec<ErrorCount>, AuditError> {
+        super::fold::fold(self.pool()).await?;
         Ok(sqlx::query_as(
             "SELECT r.outcome, r.http_status, r.error_code, sum(r.requests)::bigint AS count \
              FROM termination_rollup_outcomes r WHERE r.campaign_id = $1 AND r.outcome <> $2 \

@@ -9,6 +9,7 @@
 //! its previous query. Both keep their own connection ([`kept`]).
 
 pub mod campaigns;
+pub mod fold;
 mod kept;
 mod lookups;
 pub mod prune;
@@ -26,6 +27,7 @@ use crate::telemetry::{Repeats, cause_chain, tls_failure};
 use backon::{ExponentialBuilder, Retryable};
 use kept::Kept;
 use secrecy::ExposeSecret;
+use sqlx::ConnectOptions;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use std::future::Future;
 use std::str::FromStr;
@@ -96,6 +98,10 @@ pub struct Audit {
     /// Audit flushes only: the writer's one connection, so each flush runs
     /// on a backend that has its statement prepared and planned.
     writes: PgPool,
+    /// Migrations only, with statement logging off: at DEBUG sqlx would log
+    /// every migration's whole SQL text, tens of KiB at each start (more
+    /// than a pipe holds, for a parent that reads the logs at exit).
+    migrations: PgPool,
     /// False from a failed database call until the next one succeeds: the
     /// daemon takes no new messages meanwhile, and is not ready.
     healthy: Arc<watch::Sender<bool>>,
@@ -125,10 +131,12 @@ impl Audit {
                 .clone()
                 .options([("plan_cache_mode", "force_custom_plan")]),
         );
+        let migrations = lazy(1, options.clone().disable_statement_logging());
         let writes = lazy(1, options);
         Ok(Self {
             pool,
             writes,
+            migrations,
             healthy: Arc::new(watch::Sender::new(true)),
             failing: Arc::default(),
         })
@@ -217,7 +225,7 @@ impl Audit {
     }
 
     pub async fn migrate(&self) -> Result<(), AuditError> {
-        sqlx::migrate!("./migrations").run(&self.pool).await?;
+        sqlx::migrate!("./migrations").run(&self.migrations).await?;
         Ok(())
     }
     /// A connection for the lookup task to keep.

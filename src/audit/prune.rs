@@ -56,6 +56,9 @@ impl Reports {
     /// report knows the rows before `cut` may be gone).
     pub async fn prune(&self, cut: DateTime<Utc>, batch: u32) -> Result<Pruned, AuditError> {
         let pool = &self.pool;
+        // Not needed for the totals (the deltas outlive the rows they
+        // count), but a prune is a quiet moment to leave them empty.
+        super::fold::fold(pool).await?;
         let id: i64 =
             sqlx::query_scalar("INSERT INTO termination_prunes (cut) VALUES ($1) RETURNING id")
                 .bind(cut)

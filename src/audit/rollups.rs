@@ -1,6 +1,7 @@
 //! The report's summary from the rollups (migration `…10_rollups`): whole
 //! hours come from `termination_rollup_outcomes` and
-//! `termination_rollup_attempts`, which triggers keep for every writer; the
+//! `termination_rollup_attempts`, which triggers keep for every writer
+//! (through deltas, folded first: `fold`); the
 //! partial hour at the start of a window comes from the raw rows, which are
 //! few and indexed on time. So a report reads a number of rows that grows
 //! with hours and dimensions, not with requests.
@@ -119,6 +120,8 @@ struct Group {
 
 /// The summary of `f` over the rollups and the raw edge.
 pub async fn summary(pool: &PgPool, f: &Filter) -> Result<Summary, AuditError> {
+    // The deltas any writer appended since the last fold count too.
+    super::fold::fold(pool).await?;
     let pruned_before: Option<DateTime<Utc>> =
         sqlx::query_scalar("SELECT max(cut) FROM termination_prunes")
             .fetch_one(pool)

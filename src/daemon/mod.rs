@@ -25,7 +25,7 @@ pub use holds::Holds;
 pub use pipeline::{Handled, Letters, Pipeline, Store};
 
 use crate::aom::TerminateClient;
-use crate::audit::{Audit, AuditWriter, FinalLookups};
+use crate::audit::{Audit, AuditWriter, FinalLookups, fold};
 use crate::broker::{self, AckHandle, DeadLetters, Parking};
 use crate::domain::{Message, Outcome, ParsedMessage};
 use crate::metrics::Metrics;
@@ -143,6 +143,7 @@ async fn serve(
         AuditWriter::spawn(audit.clone(), abort.clone(), Arc::clone(&metrics));
     let (lookups, lookup_task) =
         FinalLookups::spawn(audit.clone(), abort.clone(), Arc::clone(&metrics));
+    let folds = fold::spawn(&audit, stop.clone());
     let dead_letters = DeadLetters::new(cfg.amqp.clone());
     let parking = Parking::new(cfg.amqp.clone());
     let (holds, released) = Holds::new(Arc::clone(&metrics));
@@ -243,6 +244,7 @@ async fn serve(
     }
     summary.abort();
     mover.abort();
+    folds.abort();
     tracing::info!("aom-terminator stopped");
     Ok(())
 }

@@ -88,6 +88,14 @@ async fn backfill(env: &TestEnv, prefix: &str, n: i64, days_ago: i64) {
     .expect("backfill attempts");
 }
 
+/// Fold the rollups' deltas, as the daemon, `report` and `audit prune` do.
+async fn fold(env: &TestEnv) -> i64 {
+    sqlx::query_scalar("SELECT termination_rollup_fold()")
+        .fetch_one(&env.db)
+        .await
+        .expect("fold")
+}
+
 /// Requests for the daemon: `n` singles, every fifth one a 404.
 async fn publish_mixed(env: &TestEnv, prefix: &str, n: usize) {
     for i in 0..n {
@@ -207,6 +215,7 @@ async fn two_writers_at_once_lose_no_increment() {
     for w in writers.collect::<Vec<_>>() {
         w.await.expect("writer");
     }
+    fold(&env).await;
     assert_eq!(
         env.count("SELECT sum(requests)::bigint FROM termination_rollup_outcomes")
             .await,
@@ -227,6 +236,7 @@ async fn two_writers_at_once_lose_no_increment() {
 async fn the_views_quantiles_are_the_reports() {
     let env = TestEnv::new().await;
     backfill(&env, "q-", 200, 2).await;
+    fold(&env).await;
     let bounds: Vec<f64> = sqlx::query_scalar("SELECT termination_latency_bounds_ms()")
         .fetch_one(&env.db)
         .await
@@ -452,4 +462,162 @@ async fn prune_reads_the_oldest_messages_age_and_leaves_it_queued() {
         env.ready_requests().await == 1
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_fold_racing_writers_and_another_fold_loses_and_doubles_nothing() {
+    let env = TestEnv::new().await;
+    env.migrate().await;
+    let writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let writers: Vec<_> = (0..3)
+        .map(|w| {
+            let db = env.db.clone();
+            tokio::spawn(async move {
+                for round in 0..40 {
+                    sqlx::query(
+                        "WITH o AS (INSERT INTO termination_outcomes (request_id, workflow_id, \
+                           outcome, received_at, finished_at) \
+                         SELECT format('f%s-%s-%s', $1::int, $2::int, i), 'wf-' || (i % 3), \
+                           'succeeded', now(), now() FROM generate_series(1, 20) i \
+                         RETURNING request_id, workflow_id) \
+                         INSERT INTO termination_attempts (request_id, attempt, http_status, \
+                           started_at, latency_ms, workflow_id) \
+                         SELECT request_id, 1, 200, now(), 12, workflow_id FROM o",
+                    )
+                    .bind(w)
+                    .bind(round)
+                    .execute(&db)
+                    .await
+                    .expect("insert");
+                }
+            })
+        })
+        .collect();
+    // Two folds at once, over and over, while the writers write.
+    let folders: Vec<_> = (0..2)
+        .map(|_| {
+            let db = env.db.clone();
+            let writing = std::sync::Arc::clone(&writing);
+            tokio::spawn(async move {
+                let mut folded = 0i64;
+                while writing.load(std::sync::atomic::Ordering::Relaxed) {
+                    let n: i64 = sqlx::query_scalar("SELECT termination_rollup_fold()")
+                        .fetch_one(&db)
+                        .await
+                        .expect("fold");
+                    folded += n;
+                }
+                folded
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.expect("writer");
+    }
+    writing.store(false, std::sync::atomic::Ordering::Relaxed);
+    let mut folded = 0;
+    for f in folders {
+        folded += f.await.expect("folder");
+    }
+    assert!(folded > 0, "the folds ran while the writers wrote");
+    fold(&env).await;
+    assert_eq!(
+        env.count("SELECT count(*) FROM termination_rollup_outcomes_delta")
+            .await
+            + env
+                .count("SELECT count(*) FROM termination_rollup_attempts_delta")
+                .await,
+        0
+    );
+    for wf in ["wf-0", "wf-1", "wf-2"] {
+        let raw = env
+            .count(&format!(
+                "SELECT count(*) FROM termination_outcomes WHERE workflow_id = '{wf}'"
+            ))
+            .await;
+        assert_eq!(
+            env.count(&format!(
+                "SELECT sum(requests)::bigint FROM termination_rollup_outcomes \
+                 WHERE workflow_id = '{wf}'"
+            ))
+            .await,
+            raw,
+            "{wf}"
+        );
+        assert_eq!(
+            env.count(&format!(
+                "SELECT sum(attempts + calls + le_20ms - le_10ms)::bigint \
+                 FROM termination_rollup_attempts WHERE workflow_id = '{wf}'"
+            ))
+            .await,
+            3 * raw,
+            "{wf}: attempts, calls and the 12 ms bucket"
+        );
+    }
+    assert_eq!(
+        env.count("SELECT count(*) FROM termination_outcomes").await,
+        3 * 40 * 20
+    );
+}
+
+#[tokio::test]
+async fn a_report_right_after_a_hand_written_insert_counts_it() {
+    let env = TestEnv::new().await;
+    backfill(&env, "h-", 500, 1).await;
+    // Nothing folded them: the counts wait as deltas.
+    assert_eq!(
+        env.count("SELECT count(*) FROM termination_rollup_outcomes")
+            .await,
+        0
+    );
+    assert!(
+        env.count("SELECT count(*) FROM termination_rollup_outcomes_delta")
+            .await
+            > 0
+    );
+    // The view counts them before any fold.
+    assert_eq!(
+        env.count("SELECT sum(requests)::bigint FROM termination_summary")
+            .await,
+        500
+    );
+    let r = report(&env, &[]).await;
+    assert_eq!(count(&r, "succeeded"), 400, "{r}");
+    assert_eq!(count(&r, "failed_permanent"), 100, "{r}");
+    assert_eq!(r["latency_ms"]["calls"].as_i64(), Some(1000), "{r}");
+    assert_eq!(
+        env.count("SELECT count(*) FROM termination_rollup_outcomes_delta")
+            .await,
+        0,
+        "the report folded them"
+    );
+}
+
+#[tokio::test]
+async fn the_running_daemon_folds_its_own_deltas() {
+    let env = TestEnv::new().await;
+    publish_mixed(&env, "fd", 20).await;
+    let daemon = env.start_daemon(&[]);
+    env.wait_outcomes(20).await;
+    // No report and no fold by hand: the daemon's fold task empties the
+    // deltas into the rollups while it runs.
+    eventually("the daemon to fold its deltas", || async {
+        env.count(
+            "SELECT (SELECT count(*) FROM termination_rollup_outcomes_delta) \
+               + (SELECT count(*) FROM termination_rollup_attempts_delta)",
+        )
+        .await
+            == 0
+            && env
+                .count("SELECT coalesce(sum(requests), 0)::bigint FROM termination_rollup_outcomes")
+                .await
+                == 20
+    })
+    .await;
+    assert_eq!(
+        env.count("SELECT sum(attempts)::bigint FROM termination_rollup_attempts")
+            .await,
+        env.count("SELECT count(*) FROM termination_attempts").await
+    );
+    daemon.stop().await;
 }
