@@ -151,7 +151,14 @@ async fn cleanup(bench: &Bench, names: &Names, admin: &mut PgConnection) {
                 return;
             }
         };
-    for queue in [&names.queue, &names.dead_letter_queue, &names.ceiling_queue] {
+    // The daemon's parking queue is named after the request queue.
+    let parking_queue = format!("{}.parked", names.queue);
+    for queue in [
+        &names.queue,
+        &names.dead_letter_queue,
+        &parking_queue,
+        &names.ceiling_queue,
+    ] {
         let deleted = async {
             let channel = connection.create_channel().await?;
             channel
