@@ -173,7 +173,10 @@ async fn clean_up(admin: &Admin, opts: &Options) {
         );
         return;
     }
-    for q in [queue, dead] {
+    // The daemon's parking queue is named after the request queue (empty
+    // here: the demo's token covers its project).
+    let parked = format!("{queue}.parked");
+    for q in [queue, dead, &parked] {
         if let Err(e) = admin.delete_queue(q).await {
             note!("warning: cannot delete the queue {q}: {}", cause_of(&e));
         }

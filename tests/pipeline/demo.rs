@@ -66,6 +66,10 @@ async fn demo_runs_a_mass_cancellation_end_to_end_and_cleans_up() {
     );
     assert!(!queue_exists(&env, &queue).await, "request queue deleted");
     assert!(
+        !queue_exists(&env, &format!("{queue}.parked")).await,
+        "parking queue deleted"
+    );
+    assert!(
         !queue_exists(&env, &dead).await,
         "dead-letter queue deleted"
     );
@@ -91,7 +95,8 @@ async fn demo_runs_a_mass_cancellation_end_to_end_and_cleans_up() {
     assert!(queue_exists(&env, &queue).await, "kept with --keep");
     assert!(queue_exists(&env, &dead).await, "kept with --keep");
     let channel = env.channel().await;
-    for q in [&queue, &dead] {
+    let parked = format!("{queue}.parked");
+    for q in [&queue, &dead, &parked] {
         channel
             .queue_delete(q.as_str().into(), Default::default())
             .await
