@@ -149,20 +149,30 @@ impl Identity {
 
     /// `GET /v3/projects/{project_id}`, as IAM answers it: the project and its region
     /// (its name), for a caller with a valid token.
-    pub fn show_project(&self, headers: &HeaderMap, project_id: &str) -> Response {
-        self.iam_project_lookups.fetch_add(1, Ordering::Relaxed);
+    /// The fake IAM's account, or the answer IAM gives when it is not
+    /// configured or is down.
+    fn iam_account(&self) -> Result<&IamAccount, Response> {
         let Some(account) = &self.iam else {
-            return keystone_error(
+            return Err(keystone_error(
                 StatusCode::NOT_FOUND,
                 "IAM is not configured in this sandbox",
-            );
+            ));
         };
         if !self.iam_available.load(Ordering::Relaxed) {
-            return keystone_error(
+            return Err(keystone_error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "IAM is unavailable (sandbox)",
-            );
+            ));
         }
+        Ok(account)
+    }
+
+    pub fn show_project(&self, headers: &HeaderMap, project_id: &str) -> Response {
+        self.iam_project_lookups.fetch_add(1, Ordering::Relaxed);
+        let account = match self.iam_account() {
+            Ok(account) => account,
+            Err(refused) => return refused,
+        };
         let valid = headers.get("x-auth-token").is_some_and(|token| {
             self.iam_token_covers(token, None) || self.static_token_covers(token.as_bytes(), None)
         });
@@ -231,18 +241,10 @@ impl Identity {
         let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
         let scope = &v["auth"]["scope"]["project"];
         self.count_iam_call(scope["id"].as_str().or(scope["name"].as_str()));
-        let Some(account) = &self.iam else {
-            return keystone_error(
-                StatusCode::NOT_FOUND,
-                "IAM is not configured in this sandbox",
-            );
+        let account = match self.iam_account() {
+            Ok(account) => account,
+            Err(refused) => return refused,
         };
-        if !self.iam_available.load(Ordering::Relaxed) {
-            return keystone_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "IAM is unavailable (sandbox)",
-            );
-        }
         let identity = &v["auth"]["identity"];
         let user = &identity["password"]["user"];
         let password_method = identity["methods"]
