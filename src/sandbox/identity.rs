@@ -151,15 +151,15 @@ impl Identity {
     /// (its name), for a caller with a valid token.
     /// The fake IAM's account, or the answer IAM gives when it is not
     /// configured or is down.
-    fn iam_account(&self) -> Result<&IamAccount, Response> {
+    fn iam_account(&self) -> Result<&IamAccount, (StatusCode, &'static str)> {
         let Some(account) = &self.iam else {
-            return Err(keystone_error(
+            return Err((
                 StatusCode::NOT_FOUND,
                 "IAM is not configured in this sandbox",
             ));
         };
         if !self.iam_available.load(Ordering::Relaxed) {
-            return Err(keystone_error(
+            return Err((
                 StatusCode::SERVICE_UNAVAILABLE,
                 "IAM is unavailable (sandbox)",
             ));
@@ -171,7 +171,7 @@ impl Identity {
         self.iam_project_lookups.fetch_add(1, Ordering::Relaxed);
         let account = match self.iam_account() {
             Ok(account) => account,
-            Err(refused) => return refused,
+            Err((status, why)) => return keystone_error(status, why),
         };
         let valid = headers.get("x-auth-token").is_some_and(|token| {
             self.iam_token_covers(token, None) || self.static_token_covers(token.as_bytes(), None)
@@ -243,7 +243,7 @@ impl Identity {
         self.count_iam_call(scope["id"].as_str().or(scope["name"].as_str()));
         let account = match self.iam_account() {
             Ok(account) => account,
-            Err(refused) => return refused,
+            Err((status, why)) => return keystone_error(status, why),
         };
         let identity = &v["auth"]["identity"];
         let user = &identity["password"]["user"];
