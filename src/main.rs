@@ -68,7 +68,13 @@ fn main() -> ExitCode {
     runtime.block_on(async move {
         let result = match cli.command {
             Command::Run(args) => match args.validate() {
-                Ok(cfg) => daemon::run(cfg, shutdown_signal()).await,
+                // On a worker thread, not this one: the consume loop then
+                // spawns each message's task onto its own thread's queue,
+                // instead of waking a worker from outside the runtime.
+                Ok(cfg) => match tokio::spawn(daemon::run(cfg, shutdown_signal())).await {
+                    Ok(result) => result,
+                    Err(e) => Err(anyhow::anyhow!("the daemon's task ended abnormally: {e}")),
+                },
                 Err(e) => {
                     complain(format_args!("error: {e}"));
                     return ExitCode::from(2);

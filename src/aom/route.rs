@@ -76,7 +76,12 @@ impl Router {
         ) {
             (Some(region), _) | (None, Some(region)) => region.clone(),
             (None, None) => match auth {
-                Auth::Iam(iam) => self.learn(&req.project_id, iam).await?,
+                Auth::Iam(iam) => match self.learnt(&req.project_id) {
+                    Some(known) => known?,
+                    // Asking IAM is rare, and its future large: boxed, so
+                    // that every call's future stays small.
+                    None => Box::pin(self.learn(&req.project_id, iam)).await?,
+                },
                 _ => {
                     return Err(CallError::Unroutable(format!(
                         "no region for project {}: the request has no region field, \
@@ -95,6 +100,12 @@ impl Router {
             base,
             region: Some(region),
         })
+    }
+
+    /// What IAM already said of the project's region, if anything.
+    fn learnt(&self, project: &ProjectId) -> Option<Result<Region, CallError>> {
+        let map = self.learnt.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(project).and_then(|learnt| learnt.known())
     }
 
     /// The project's region from IAM, single-flight per project.

@@ -170,7 +170,7 @@ impl<A: Api> Dispatcher<A> {
                 Ok(attempt) => attempt,
                 Err(why) => {
                     let why = why.unwrap_or_else(|| "the project is held".to_owned());
-                    match self.hold_or_probe(req, &mut attempts, &why, held).await {
+                    match Box::pin(self.hold_or_probe(req, &mut attempts, &why, held)).await {
                         Probe::Aborted => return end(attempts, End::Unfinished),
                         Probe::Park => return end(attempts, End::Parked),
                         Probe::Unroutable(why) => return end(attempts, End::Rejected(why)),
@@ -244,7 +244,7 @@ impl<A: Api> Dispatcher<A> {
                     }
                     let why = "the AOM API answered 401: the credentials are wrong or expired, \
                                or do not cover this project";
-                    match self.hold_or_probe(req, &mut attempts, why, held).await {
+                    match Box::pin(self.hold_or_probe(req, &mut attempts, why, held)).await {
                         Probe::Aborted => return end(attempts, End::Unfinished),
                         Probe::Park => return end(attempts, End::Parked),
                         Probe::Unroutable(why) => return end(attempts, End::Rejected(why)),

@@ -119,7 +119,7 @@ impl<S: Store, L: Letters, A: Api> Pipeline<S, L, A> {
                     &[(0, &rejection)],
                     Some(&rejection.error),
                 );
-                self.reject(&cx, letter, vec![rejection]).await
+                Box::pin(self.reject(&cx, letter, vec![rejection])).await
             }
             ParsedMessage::Requests(items) => {
                 let mut valid = Vec::with_capacity(items.len());
@@ -143,8 +143,8 @@ impl<S: Store, L: Letters, A: Api> Pipeline<S, L, A> {
                     }
                     let refs: Vec<_> = invalid.iter().map(|(i, r)| (*i, r)).collect();
                     let letter = DeadLetter::rejected(&message.source(), &refs, None);
-                    self.reject(&cx, letter, invalid.into_iter().map(|(_, r)| r).collect())
-                        .await
+                    let invalid = invalid.into_iter().map(|(_, r)| r).collect();
+                    Box::pin(self.reject(&cx, letter, invalid)).await
                 };
                 let valid_ok = self.run(&cx, valid).await;
                 rejected_ok && valid_ok
@@ -327,7 +327,7 @@ impl<S: Store, L: Letters, A: Api> Pipeline<S, L, A> {
                     req,
                     "the AOM API refuses the credentials for this project",
                 );
-                if !self.letters.park(&letter, cx.held).await {
+                if !Box::pin(self.letters.park(&letter, cx.held)).await {
                     leader.finish(false);
                     return unfinished(dispatched.attempts).await;
                 }
@@ -362,7 +362,7 @@ impl<S: Store, L: Letters, A: Api> Pipeline<S, L, A> {
                 &dispatched.attempts,
                 &self.source_queue,
             );
-            if !self.letters.publish(&letter, cx.held).await {
+            if !Box::pin(self.letters.publish(&letter, cx.held)).await {
                 leader.finish(false);
                 return unfinished(dispatched.attempts).await;
             }

@@ -255,7 +255,9 @@ async fn consume(
         let tally = Arc::clone(c.tally);
         c.tasks.spawn(c.session_tasks.track_future(async move {
             let _credit = credit;
-            let handled = work(&pipeline, message, parsed, ack, &held).await;
+            // Boxed: the task is moved a few times as it is spawned, and
+            // a message's whole future is a few KiB (copied each time).
+            let handled = Box::pin(work(&pipeline, message, parsed, ack, &held)).await;
             if held.is_cancelled() {
                 tally.after_loss(handled);
             }

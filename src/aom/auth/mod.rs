@@ -137,7 +137,12 @@ impl Auth {
                 })
             }
             Auth::Iam(iam) => {
-                let (token, generation) = IamTokens::current(iam, call.project_id).await?;
+                let (token, generation) = match iam.cached(call.project_id) {
+                    Some(cached) => cached,
+                    // Asking IAM is rare, and its future large: boxed, so
+                    // that every call's future stays small.
+                    None => Box::pin(IamTokens::current(iam, call.project_id)).await?,
+                };
                 Ok(Credential {
                     headers: vec![(X_AUTH_TOKEN.clone(), token)],
                     generation,
