@@ -30,6 +30,9 @@ const CRATES: &[(&str, &[&str])] = &[
     ("lapin", &["broker/"]),
     ("sqlx", &["audit/"]),
     ("reqwest", &["aom/", "broker/management.rs", "sandbox/"]),
+    ("hyper", &["aom/direct.rs"]),
+    ("hyper_util", &["aom/direct.rs"]),
+    ("hyper_rustls", &["aom/direct.rs"]),
     ("prometheus_client", &["metrics.rs"]),
 ];
 

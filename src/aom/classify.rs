@@ -91,17 +91,11 @@ fn describe_error_body(body: &[u8]) -> (Option<String>, Option<String>, Option<S
 }
 
 pub fn classify_transport_error(
-    err: &reqwest::Error,
+    kind: ErrorKind,
+    err: &(dyn std::error::Error + 'static),
     started_at: DateTime<Utc>,
     latency: Duration,
 ) -> Attempt {
-    let kind = if err.is_timeout() {
-        ErrorKind::Timeout
-    } else if err.is_connect() {
-        ErrorKind::Connect
-    } else {
-        ErrorKind::Network
-    };
     Attempt {
         started_at,
         latency,

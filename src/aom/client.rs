@@ -4,14 +4,15 @@
 
 use super::auth::{Auth, AuthError, CallInfo};
 use super::classify::{classify_answer, classify_transport_error};
+use super::direct::{self, Answer, Direct, proxy_configured};
 use super::route::{Route, Router};
-use crate::domain::{Attempt, TerminationRequest};
+use crate::domain::{Attempt, ErrorKind, TerminationRequest};
 use crate::settings::{AomEndpoint, AuthSettings};
 use crate::telemetry::tls_failure;
 use chrono::Utc;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::Url;
-use reqwest::header::{CONTENT_TYPE, HeaderValue};
+use reqwest::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,7 +26,7 @@ const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
 
 /// How much of an answer's body is read at all.
 const BODY_READ_LIMIT: usize = 64 * 1024;
-const JSON: &str = "application/json";
+pub(super) const JSON: &str = "application/json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -33,6 +34,8 @@ pub enum ApiError {
     Client(#[source] reqwest::Error),
     #[error("AOM_CA_FILE holds no usable certificate")]
     Ca(#[source] reqwest::Error),
+    #[error("cannot set up TLS for the AOM API: {0}")]
+    Tls(String),
     #[error(transparent)]
     Auth(#[from] AuthError),
 }
@@ -73,6 +76,9 @@ pub struct TerminateClient {
     /// One client for every host: it keeps a connection pool per host, so
     /// regions do not share (or starve) each other's connections.
     http: reqwest::Client,
+    /// hyper's client, for the calls when no proxy is set (see
+    /// [`super::direct`]); reqwest makes them otherwise.
+    direct: Option<Direct>,
     /// The endpoint, parsed once; each call's URL is a copy of its region's
     /// base with the call's path.
     router: Arc<Router>,
@@ -119,8 +125,13 @@ impl TerminateClient {
             .build()
             .map_err(ApiError::Client)?;
         let auth = Auth::new(auth, http.clone())?;
+        let direct = match proxy_configured() {
+            true => None,
+            false => Some(Direct::new(timeout, pool, ca_pem)?),
+        };
         Ok(Self {
             http,
+            direct,
             router: Arc::new(Router::new(endpoint.clone().into())),
             auth,
         })
@@ -168,41 +179,82 @@ impl TerminateClient {
                 body: b"",
             })
             .await?;
-        let mut call = self
-            .http
-            .post(parsed)
-            .header(CONTENT_TYPE, HeaderValue::from_static(JSON));
-        for (name, value) in credential.headers {
-            call = call.header(name, value);
-        }
         let started_at = Utc::now();
         let clock = Instant::now();
-        let sent = call.send().await;
-        let answer = match sent {
-            Ok(mut resp) => {
-                let status = resp.status();
-                let headers = std::mem::take(resp.headers_mut());
-                match read_body(resp).await {
-                    Ok(body) => Ok((status, headers, body)),
-                    Err(e) => Err(e),
-                }
-            }
-            Err(e) => Err(e),
+        let answer = match &self.direct {
+            Some(direct) => direct
+                .post(&parsed, credential.headers, BODY_READ_LIMIT)
+                .await
+                .map_err(Transport::Direct),
+            None => self
+                .via_reqwest(parsed, credential.headers)
+                .await
+                .map_err(Transport::Reqwest),
         };
         let latency = clock.elapsed();
         let mut attempt = match answer {
             Ok((status, headers, body)) => {
                 classify_answer(status, &headers, &body, started_at, latency)
             }
-            Err(e) => match tls_failure(&e) {
+            Err(e) => match tls_failure(e.error()) {
                 Some(why) => return Err(CallError::Tls { host, why }),
-                None => classify_transport_error(&e, started_at, latency),
+                None => classify_transport_error(e.kind(), e.error(), started_at, latency),
             },
         };
         attempt.auth_generation = credential.generation;
         attempt.region = route.region.map(|r| r.as_str().to_owned());
         attempt.endpoint_host = Some(host);
         Ok(attempt)
+    }
+}
+
+impl TerminateClient {
+    /// The call through reqwest (a proxy is set).
+    async fn via_reqwest(
+        &self,
+        url: Url,
+        headers: Vec<(HeaderName, HeaderValue)>,
+    ) -> Result<Answer, reqwest::Error> {
+        let mut call = self
+            .http
+            .post(url)
+            .header(CONTENT_TYPE, HeaderValue::from_static(JSON));
+        for (name, value) in headers {
+            call = call.header(name, value);
+        }
+        let mut resp = call.send().await?;
+        let status = resp.status();
+        let headers = std::mem::take(resp.headers_mut());
+        Ok((status, headers, read_body(resp).await?))
+    }
+}
+
+/// Why a call got no answer, from either client.
+enum Transport {
+    Direct(direct::Failure),
+    Reqwest(reqwest::Error),
+}
+
+impl Transport {
+    fn error(&self) -> &(dyn std::error::Error + 'static) {
+        match self {
+            Transport::Direct(e) => e,
+            Transport::Reqwest(e) => e,
+        }
+    }
+
+    fn kind(&self) -> ErrorKind {
+        let (timeout, connect) = match self {
+            Transport::Direct(e) => (e.is_timeout(), e.is_connect()),
+            Transport::Reqwest(e) => (e.is_timeout(), e.is_connect()),
+        };
+        if timeout {
+            ErrorKind::Timeout
+        } else if connect {
+            ErrorKind::Connect
+        } else {
+            ErrorKind::Network
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod classify;
 mod client;
+mod direct;
 pub mod route;
 
 pub use client::{ApiError, CallError, TerminateClient};
@@ -15,5 +16,7 @@ pub use client::{ApiError, CallError, TerminateClient};
 /// itself (as the cause of its pause).
 pub const QUIET_LOGS: &str = "rustls_platform_verifier=off";
 
+#[cfg(test)]
+mod direct_tests;
 #[cfg(test)]
 mod tests;
