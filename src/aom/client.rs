@@ -98,7 +98,8 @@ impl TerminateClient {
     /// concurrency, so that a steady load never reconnects.
     /// `ca_pem`: CAs trusted besides the system's roots (AOM_CA_FILE), for
     /// the API and IAM alike. Proxies come from `HTTPS_PROXY`, `HTTP_PROXY`
-    /// and `NO_PROXY`, as reqwest reads them; none by default.
+    /// and `NO_PROXY`, as reqwest reads them; none by default. Without one,
+    /// the calls go through hyper's client directly ([`super::direct`]).
     /// `endpoint`: an [`AomEndpoint`], or a plain URL (a fixed endpoint).
     pub fn new<E: Clone + Into<AomEndpoint>>(
         endpoint: &E,
@@ -125,9 +126,10 @@ impl TerminateClient {
             .build()
             .map_err(ApiError::Client)?;
         let auth = Auth::new(auth, http.clone())?;
-        let direct = match proxy_configured() {
-            true => None,
-            false => Some(Direct::new(timeout, pool, ca_pem)?),
+        let direct = if proxy_configured() {
+            None
+        } else {
+            Some(Direct::new(timeout, pool, ca_pem)?)
         };
         Ok(Self {
             http,
@@ -206,9 +208,7 @@ impl TerminateClient {
         attempt.endpoint_host = Some(host);
         Ok(attempt)
     }
-}
 
-impl TerminateClient {
     /// The call through reqwest (a proxy is set).
     async fn via_reqwest(
         &self,

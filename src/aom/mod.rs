@@ -1,7 +1,8 @@
 //! The AOM adapter: the only place (with the sandbox and the broker's
-//! management client) that names `reqwest`. It sends one terminate call,
-//! classifies the answer, and authenticates calls in the three ways real
-//! deployments use.
+//! management client) that names `reqwest`, and the only one that names
+//! hyper's crates (in `direct.rs`). It sends one terminate call, classifies
+//! the answer, and authenticates calls in the three ways real deployments
+//! use.
 
 pub mod auth;
 pub mod classify;
