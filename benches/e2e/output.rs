@@ -206,6 +206,16 @@ fn print_bounds(scenario: &Scenario, r: &Report) {
             "  sandbox answer time:         mean {ms:.3} ms from a call's arrival to its answer (latency asked: {} ms)",
             scenario.latency_ms
         );
+        // A busy sandbox answers late, which lowers the bound of any
+        // client: the bound again with the latency the sandbox gave.
+        if littles_law(scenario).is_some() && ms > 0.0 {
+            let bound = f64::from(scenario.concurrency) * 1000.0 / ms;
+            println!(
+                "  C / the sandbox's answer time: {} /s; daemon at {:.1} % of it",
+                thousands_f(bound),
+                pct(rate, bound)
+            );
+        }
     }
 }
 
