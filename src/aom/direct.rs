@@ -5,10 +5,10 @@
 //!
 //! reqwest does more per call than a terminate call needs: it clones its
 //! client and connector, runs its redirect, retry and timeout layers, and
-//! turns the answer's URI back into a `Url`. Without them the daemon uses
-//! 10–15 % less CPU per termination (BENCHMARKS.md). reqwest still makes the
-//! calls when a proxy is set (it implements `HTTP(S)_PROXY`/`NO_PROXY`), and
-//! IAM's.
+//! turns the answer's URI back into a `Url`. Without them the daemon used
+//! 7–17 % less CPU per termination in interleaved runs (BENCHMARKS.md).
+//! reqwest still makes the calls when a proxy is set (it implements
+//! `HTTP(S)_PROXY`/`NO_PROXY`), and IAM's.
 
 use super::client::ApiError;
 use bytes::Bytes;
