@@ -41,25 +41,26 @@ pub fn cause_chain(err: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
-/// The rustls error somewhere in `err`'s sources, as one line. An I/O
-/// error hides its inner error from `source()`, so it is looked into.
-pub fn tls_failure(err: &(dyn std::error::Error + 'static)) -> Option<String> {
-    let mut next = Some(err);
-    while let Some(e) = next {
-        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
-            return Some(tls.to_string());
-        }
-        // An I/O error's `source()` skips the error it wraps (which may be
-        // another I/O error, wrapping the rustls one): look inside.
-        next = match e
+/// `err` and its causes. An I/O error's `source()` skips the error it
+/// wraps (which may be another I/O error, wrapping a rustls one), so it is
+/// looked into.
+pub fn causes<'a>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(err), |e| {
+        match e
             .downcast_ref::<std::io::Error>()
             .and_then(|io| io.get_ref())
         {
             Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
             None => e.source(),
-        };
-    }
-    None
+        }
+    })
+}
+
+/// The rustls error somewhere in `err`'s causes, as one line.
+pub fn tls_failure(err: &(dyn std::error::Error + 'static)) -> Option<String> {
+    causes(err).find_map(|e| e.downcast_ref::<rustls::Error>().map(ToString::to_string))
 }
 
 #[cfg(test)]

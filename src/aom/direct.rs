@@ -11,6 +11,7 @@
 //! `HTTP(S)_PROXY`/`NO_PROXY`), and IAM's.
 
 use super::client::ApiError;
+use crate::telemetry::causes;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
@@ -62,9 +63,26 @@ impl Failure {
         matches!(self, Failure::Send(e) if e.is_connect())
     }
 
+    /// No answer in time: the call's timeout, or a connect or read that
+    /// timed out (as reqwest's `is_timeout` counts them).
     pub(super) fn is_timeout(&self) -> bool {
-        matches!(self, Failure::Timeout(_))
+        match self {
+            Failure::Timeout(_) => true,
+            Failure::Send(e) => timed_out(e),
+            Failure::Body(e) => timed_out(e),
+            Failure::Uri(_) => false,
+        }
     }
+}
+
+/// Whether something in `err`'s causes timed out (an I/O error or hyper's).
+pub(super) fn timed_out(err: &(dyn std::error::Error + 'static)) -> bool {
+    causes(err).any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+            || e.downcast_ref::<hyper::Error>()
+                .is_some_and(hyper::Error::is_timeout)
+    })
 }
 
 /// An answer: its status, headers and up to `limit` bytes of its body.
@@ -78,7 +96,10 @@ pub(super) struct Direct {
 
 impl Direct {
     /// Settings as reqwest's in [`super::TerminateClient::new`]: `pool`
-    /// keep-alive connections per host, a connect timeout of at most 5 s.
+    /// keep-alive connections per host, a connect timeout of at most 5 s,
+    /// and reqwest's TCP keepalive and user timeout, so that a pooled
+    /// connection a NAT or load balancer dropped is found before a call
+    /// waits on it for its whole timeout.
     pub(super) fn new(
         timeout: Duration,
         pool: usize,
@@ -88,6 +109,11 @@ impl Direct {
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(timeout.min(Duration::from_secs(5))));
+        http.set_keepalive(Some(Duration::from_secs(15)));
+        http.set_keepalive_interval(Some(Duration::from_secs(15)));
+        http.set_keepalive_retries(Some(3));
+        #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+        http.set_tcp_user_timeout(Some(Duration::from_secs(30)));
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls_config(ca_pem)?)
             .https_or_http()

@@ -127,3 +127,14 @@ async fn a_server_that_is_not_tls_fails_as_tls_on_https() {
     assert!(matches!(failure, Failure::Send(_)), "{failure:?}");
     assert!(tls_failure(&failure).is_some(), "{failure:?}");
 }
+
+#[test]
+fn a_connection_that_timed_out_is_a_timeout_however_deep_the_cause() {
+    // hyper-util's connect timeout is an I/O `TimedOut` under its own
+    // errors; reqwest counts it as a timeout, and so must the direct path
+    // (the adaptive limit takes timeouts as overload).
+    let inner = std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout");
+    let wrapped = std::io::Error::other(inner);
+    assert!(super::direct::timed_out(&wrapped));
+    assert!(!super::direct::timed_out(&std::io::Error::other("refused")));
+}

@@ -3,6 +3,7 @@
 
 use super::{Audit, AuditError};
 use crate::metrics::Metrics;
+use chrono::{DateTime, Utc};
 use sqlx::postgres::PgConnection;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -26,23 +27,58 @@ impl Audit {
         Ok(rows.into_iter().map(|(id,)| id).collect())
     }
 
-    /// How many attempts each of `ids` already has on record.
+    /// What each of `ids` already has on record: its attempts, and since
+    /// when it has been throttled (see [`Recorded`]).
     pub async fn attempts_recorded(
         &self,
         ids: &[String],
-    ) -> Result<HashMap<String, u32>, AuditError> {
-        let rows: Vec<(String, i32)> = sqlx::query_as(
-            "SELECT request_id, max(attempt) FROM termination_attempts \
-             WHERE request_id = ANY($1) GROUP BY request_id",
+    ) -> Result<HashMap<String, Recorded>, AuditError> {
+        // The trailing run of 429s and 503s: the audit does not keep
+        // `Retry-After`, so a 503 counts as throttled here.
+        let rows: Vec<(String, i32, Option<DateTime<Utc>>)> = sqlx::query_as(
+            "WITH a AS ( \
+                 SELECT request_id, attempt, started_at, \
+                        coalesce(http_status IN (429, 503), false) AS throttled \
+                 FROM termination_attempts WHERE request_id = ANY($1)), \
+             last AS ( \
+                 SELECT request_id, max(attempt) AS attempts, \
+                        coalesce(max(attempt) FILTER (WHERE NOT throttled), 0) AS other \
+                 FROM a GROUP BY request_id) \
+             SELECT last.request_id, last.attempts, min(a.started_at) \
+             FROM last LEFT JOIN a ON a.request_id = last.request_id \
+                 AND a.throttled AND a.attempt > last.other \
+             GROUP BY last.request_id, last.attempts",
         )
         .bind(ids)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
             .into_iter()
-            .map(|(id, n)| (id, u32::try_from(n).unwrap_or(0)))
+            .map(|(id, n, since)| {
+                let attempts = u32::try_from(n).unwrap_or(0);
+                (
+                    id,
+                    Recorded {
+                        attempts,
+                        throttled_since: since,
+                    },
+                )
+            })
             .collect())
     }
+}
+
+/// What the audit already has of a redelivered request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recorded {
+    /// Its attempts so far: a redelivery numbers its own after them.
+    pub attempts: u32,
+    /// When the run of throttled answers its last attempts belong to began,
+    /// if they were throttled: `THROTTLE_GIVE_UP` counts from there, not
+    /// from the redelivery. (A request throttled for longer than the
+    /// broker's `consumer_timeout` has its message taken back and
+    /// redelivered; without this its give-up would never come.)
+    pub throttled_since: Option<DateTime<Utc>>,
 }
 
 struct LookupJob {

@@ -18,7 +18,7 @@ pub mod report;
 pub mod rollups;
 mod writer;
 
-pub use lookups::FinalLookups;
+pub use lookups::{FinalLookups, Recorded};
 pub use records::{FinalRecord, Record, UnfinishedRecord};
 pub use writer::AuditWriter;
 

@@ -12,6 +12,7 @@ use crate::domain::{Attempt, ErrorKind, Outcome, ProjectId, TerminationRequest, 
 use crate::metrics::Metrics;
 use crate::retry::RetryPolicy;
 use crate::settings::ConcurrencyControl;
+use chrono::{DateTime, Utc};
 use std::future::Future;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
@@ -141,11 +142,22 @@ impl<A: Api> Dispatcher<A> {
     /// request's message back: a call already made finishes, but no further
     /// call starts; the attempts made are returned unfinished, and the
     /// message's redelivery carries on).
-    pub async fn dispatch(&self, req: &TerminationRequest, held: &CancellationToken) -> Dispatched {
+    /// `throttled_since`: when an earlier delivery's throttled run began
+    /// (from the audit), so that `THROTTLE_GIVE_UP` counts from there.
+    pub async fn dispatch(
+        &self,
+        req: &TerminationRequest,
+        held: &CancellationToken,
+        throttled_since: Option<DateTime<Utc>>,
+    ) -> Dispatched {
         let mut attempts = Vec::new();
         let mut counted = 0u32;
         // Throttled answers in a row, and when the first of them came.
-        let mut throttled = (0u32, None::<Instant>);
+        let since = throttled_since.map(|at| {
+            let ago = (Utc::now() - at).to_std().unwrap_or_default();
+            Instant::now().checked_sub(ago).unwrap_or_else(Instant::now)
+        });
+        let mut throttled = (0u32, since);
         let end = |attempts, end| Dispatched { attempts, end };
         if self.stop.is_cancelled() || held.is_cancelled() {
             return end(attempts, End::Unfinished);
@@ -301,10 +313,11 @@ impl<A: Api> Dispatcher<A> {
     /// not made if it fires while the call waits for its turn.
     async fn call(&self, req: &TerminationRequest, held: Option<&CancellationToken>) -> Call {
         let work = async {
-            let Some(permit) = self.calls.acquire().await else {
+            let Some(mut permit) = self.calls.acquire().await else {
                 return Call::Aborted; // the semaphore is never closed
             };
             self.pace().await;
+            permit.start();
             if held.is_some_and(CancellationToken::is_cancelled) {
                 return Call::Aborted;
             }

@@ -149,6 +149,13 @@ impl CallLimit {
 }
 
 impl CallPermit<'_> {
+    /// The call starts now: the adaptive limit times the API from here, not
+    /// from the permit, since the wait for `RATE_LIMIT` or a 429 hold in
+    /// between is the daemon's own, not the API's.
+    pub fn start(&mut self) {
+        self.started = Instant::now();
+    }
+
     /// The call was answered (or failed on the network): give the permit
     /// back and let the answer adjust the limit.
     pub fn answered(mut self, attempt: &Attempt) {
@@ -229,6 +236,37 @@ mod tests {
             limit.current(),
             "the permits are the limit"
         );
+    }
+
+    /// `n` calls that waited `wait` after their permit (RATE_LIMIT, a 429
+    /// hold), `started` or not, then took 10 ms at the API.
+    async fn calls_after_a_wait(limit: &CallLimit, n: usize, wait: Duration, started: bool) {
+        let mut held = Vec::new();
+        for _ in 0..n {
+            held.push(limit.acquire().await.expect("permit"));
+        }
+        tokio::time::advance(wait).await;
+        if started {
+            held.iter_mut().for_each(CallPermit::start);
+        }
+        tokio::time::advance(Duration::from_millis(10)).await;
+        for permit in held {
+            permit.answered(&attempt(200));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_limit_times_the_api_from_the_call_not_from_the_permit() {
+        let limit = CallLimit::new(32, ConcurrencyControl::Adaptive, Arc::new(Metrics::new()));
+        calls_after_a_wait(&limit, 32, Duration::ZERO, true).await;
+        let before = limit.current();
+        // A second's wait for the daemon's own pacing is not the API
+        // slowing down...
+        calls_after_a_wait(&limit, 32, Duration::from_secs(1), true).await;
+        assert!(limit.current() >= before, "{} < {before}", limit.current());
+        // ...while the same second at the API is.
+        calls_after_a_wait(&limit, 32, Duration::from_secs(1), false).await;
+        assert!(limit.current() < before, "{} >= {before}", limit.current());
     }
 
     #[tokio::test(start_paused = true)]

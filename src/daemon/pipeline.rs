@@ -13,7 +13,7 @@
 
 use super::dispatch::{Api, Dispatcher, End};
 use super::in_flight::{Claim, InFlight, follow};
-use crate::audit::{FinalRecord, Record, UnfinishedRecord};
+use crate::audit::{FinalRecord, Record, Recorded, UnfinishedRecord};
 use crate::domain::{
     Attempt, DeadLetter, Item, Message, Outcome, ParsedMessage, Rejection, TerminationRequest,
 };
@@ -36,11 +36,11 @@ pub trait Store: Send + Sync + 'static {
         &self,
         ids: Vec<String>,
     ) -> impl Future<Output = Option<HashSet<String>>> + Send;
-    /// How many attempts each of `ids` already has on record.
+    /// What each of `ids` already has on record (attempts, throttling).
     fn attempts_recorded(
         &self,
         ids: &[String],
-    ) -> impl Future<Output = Option<HashMap<String, u32>>> + Send;
+    ) -> impl Future<Output = Option<HashMap<String, Recorded>>> + Send;
 }
 
 /// What the pipeline needs of the dead-letter and parking queues.
@@ -220,13 +220,13 @@ impl<S: Store, L: Letters, A: Api> Pipeline<S, L, A> {
         } else {
             HashMap::new()
         };
-        let attempts_before =
-            |req: &TerminationRequest| before.get(&req.request_id).copied().unwrap_or(0);
+        let before =
+            |req: &TerminationRequest| before.get(&req.request_id).copied().unwrap_or_default();
         if let [req] = requests.as_slice()
             && let Some(claim) = claims.pop()
         {
             // One request (most messages): no need for the machinery below.
-            return self.one(cx, req, claim, attempts_before(req)).await;
+            return self.one(cx, req, claim, before(req)).await;
         }
         // A hand-rolled buffer_unordered: futures are created only as slots
         // free up, so a batch of 10,000 holds `concurrency` of them at once.
@@ -239,7 +239,7 @@ impl<S: Store, L: Letters, A: Api> Pipeline<S, L, A> {
                 let Some((req, claim)) = queue.next() else {
                     break;
                 };
-                running.push(self.one(cx, req, claim, attempts_before(req)));
+                running.push(self.one(cx, req, claim, before(req)));
             }
             match running.next().await {
                 Some(done) => all_done &= done,
@@ -253,8 +253,9 @@ impl<S: Store, L: Letters, A: Api> Pipeline<S, L, A> {
         cx: &Context<'_>,
         req: &TerminationRequest,
         claim: Claim<'_>,
-        attempts_before: u32,
+        before: Recorded,
     ) -> bool {
+        let attempts_before = before.attempts;
         let skip = || async {
             let committed = self
                 .store
@@ -293,7 +294,10 @@ impl<S: Store, L: Letters, A: Api> Pipeline<S, L, A> {
             leader.finish(committed);
             return committed;
         }
-        let dispatched = self.dispatcher.dispatch(req, cx.held).await;
+        let dispatched = self
+            .dispatcher
+            .dispatch(req, cx.held, before.throttled_since)
+            .await;
         let unfinished = |attempts: Vec<Attempt>| async move {
             // The calls were made: the audit shows them, and a redelivery
             // numbers its attempts after them.

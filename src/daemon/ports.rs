@@ -3,7 +3,7 @@
 //! publisher. Each retries until done, or until the shutdown grace is over.
 
 use super::pipeline::{Letters, Store};
-use crate::audit::{Audit, AuditWriter, FinalLookups, Record};
+use crate::audit::{Audit, AuditWriter, FinalLookups, Record, Recorded};
 use crate::broker::{DeadLetters, Parking};
 use crate::domain::DeadLetter;
 use std::collections::{HashMap, HashSet};
@@ -25,7 +25,7 @@ impl Store for AuditStore {
         self.lookups.already_final(ids).await
     }
 
-    async fn attempts_recorded(&self, ids: &[String]) -> Option<HashMap<String, u32>> {
+    async fn attempts_recorded(&self, ids: &[String]) -> Option<HashMap<String, Recorded>> {
         self.audit
             .until_done("attempt lookup", &self.abort, || {
                 self.audit.attempts_recorded(ids)

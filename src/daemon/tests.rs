@@ -6,7 +6,7 @@
 use super::in_flight::InFlight;
 use super::*;
 use crate::aom::CallError;
-use crate::audit::Record;
+use crate::audit::{Record, Recorded};
 use crate::domain::{
     Attempt, DeadLetter, ErrorKind, Header, ProjectId, TerminationRequest, Verdict,
 };
@@ -48,6 +48,8 @@ pub(super) struct FakeStore {
     log: Arc<Log>,
     commits_fail: bool,
     finals: HashSet<String>,
+    /// What the audit has of earlier deliveries, by request id.
+    pub(super) recorded: HashMap<String, Recorded>,
 }
 
 impl Store for FakeStore {
@@ -72,8 +74,12 @@ impl Store for FakeStore {
         )
     }
 
-    async fn attempts_recorded(&self, _ids: &[String]) -> Option<HashMap<String, u32>> {
-        Some(HashMap::new())
+    async fn attempts_recorded(&self, ids: &[String]) -> Option<HashMap<String, Recorded>> {
+        Some(
+            ids.iter()
+                .filter_map(|id| Some((id.clone(), *self.recorded.get(id)?)))
+                .collect(),
+        )
     }
 }
 
@@ -275,6 +281,7 @@ fn world_with<A: Api>(
         log: Arc::clone(&log),
         commits_fail: false,
         finals: HashSet::new(),
+        recorded: HashMap::new(),
     };
     let mut letters = FakeLetters {
         log: Arc::clone(&log),

@@ -218,3 +218,53 @@ async fn two_daemons_share_one_rate_limit() {
         assert_eq!(succeeded(env).await, env.outcomes().await, "nothing failed");
     }
 }
+
+#[tokio::test]
+async fn a_redelivery_learns_since_when_its_request_has_been_throttled() {
+    // The broker takes back a message unacked for longer than its
+    // consumer_timeout (30 min by default), which a request throttled up
+    // to THROTTLE_GIVE_UP (1 h) can be: its redelivery must count the
+    // give-up from the first throttled answer on record, not from itself.
+    let env = TestEnv::new().await;
+    env.migrate().await;
+    let rows: &[(&str, i32, i32, i64)] = &[
+        // A 500, then 429 and 503 since 50 min ago: throttled since then.
+        ("a", 1, 500, 60),
+        ("a", 2, 429, 50),
+        ("a", 3, 503, 40),
+        ("a", 4, 429, 30),
+        // Throttled, then a counted failure: not throttled now.
+        ("b", 1, 429, 20),
+        ("b", 2, 500, 10),
+    ];
+    for (id, attempt, status, minutes_ago) in rows {
+        sqlx::query(
+            "INSERT INTO termination_attempts (request_id, attempt, http_status, started_at, \
+               latency_ms) VALUES ($1, $2, $3, now() - make_interval(mins => $4::int), 5)",
+        )
+        .bind(id)
+        .bind(attempt)
+        .bind(status)
+        .bind(minutes_ago)
+        .execute(&env.db)
+        .await
+        .expect("insert an attempt");
+    }
+    let ids = ["a", "b", "c"].map(String::from);
+    let recorded = env
+        .audit()
+        .attempts_recorded(&ids)
+        .await
+        .expect("attempts recorded");
+    let a = recorded["a"];
+    assert_eq!(a.attempts, 4);
+    let since = a.throttled_since.expect("a is throttled");
+    let ago = chrono::Utc::now() - since;
+    assert!(
+        (49..=51).contains(&ago.num_minutes()),
+        "throttled since {ago} ago"
+    );
+    assert_eq!(recorded["b"].attempts, 2);
+    assert_eq!(recorded["b"].throttled_since, None);
+    assert!(!recorded.contains_key("c"), "{recorded:?}");
+}

@@ -388,16 +388,20 @@ impl TestEnv {
         out
     }
 
-    /// Apply the audit migrations, as the daemon does at start (`enqueue`
-    /// records its campaign in a table they create).
-    pub async fn migrate(&self) {
+    /// The audit adapter on the test database.
+    pub fn audit(&self) -> aom_terminator::audit::Audit {
         let settings = aom_terminator::settings::DatabaseArgs {
             database_url: self.database_url.clone().into(),
         }
         .settings()
         .expect("test database settings");
-        aom_terminator::audit::Audit::new(&settings, 1)
-            .expect("audit")
+        aom_terminator::audit::Audit::new(&settings, 1).expect("audit")
+    }
+
+    /// Apply the audit migrations, as the daemon does at start (`enqueue`
+    /// records its campaign in a table they create).
+    pub async fn migrate(&self) {
+        self.audit()
             .migrate()
             .await
             .expect("migrate the test database");

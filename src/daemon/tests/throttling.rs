@@ -72,6 +72,42 @@ async fn a_request_throttled_for_throttle_give_up_ends_failed_retries_exhausted(
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_redelivered_request_gives_up_counting_from_its_first_throttled_answer() {
+    // Throttled for 25 s of its 30 s before the broker took its message
+    // back (the audit says so): it ends about 5 s into its redelivery.
+    let w = world_with(
+        FakeApi::scripted(&[("ex-1", &[429; 10_000])]),
+        5,
+        Duration::from_secs(30),
+        ConcurrencyControl::Adaptive,
+        |store, _| {
+            let since = chrono::Utc::now() - chrono::Duration::seconds(25);
+            store.recorded.insert(
+                "r1".to_owned(),
+                Recorded {
+                    attempts: 7,
+                    throttled_since: Some(since),
+                },
+            );
+        },
+    );
+    let mut redelivered = message(&[("r1", "ex-1")]);
+    redelivered.redelivered = true;
+    let started = Instant::now();
+    assert_eq!(run_one(&w, redelivered).await, Handled::Settled);
+    assert!(
+        w.log
+            .events()
+            .contains(&committed("r1", "failed_retries_exhausted"))
+    );
+    let last = calls_to(&w, "ex-1")
+        .last()
+        .map(|t| *t - started)
+        .unwrap_or_default();
+    assert!(last < Duration::from_secs(15), "gave up after {last:?}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_adaptive_limit_cuts_on_429s_instead_of_holding_every_call() {
     // Eight calls at once (the world's CONCURRENCY), all throttled once.
     let ids: Vec<(String, String)> = (0..8)
