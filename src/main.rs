@@ -28,6 +28,7 @@ fn main() -> ExitCode {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 
     unset_empty_settings();
+    keep_loopback_off_proxies();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
@@ -159,6 +160,31 @@ fn unset_empty_settings() {
             unsafe { std::env::remove_var(&name) };
         }
     }
+}
+
+/// A proxy in the environment is for the world outside: this host's own
+/// services (the sandbox, a local IAM or API) are never reached through it,
+/// as Go's HTTP client does, so a proxy in the shell does not break the demo
+/// or the sandbox walkthroughs. Loopback is added to `NO_PROXY`.
+fn keep_loopback_off_proxies() {
+    if !aom_terminator::aom::proxy_configured() {
+        return;
+    }
+    let current = std::env::var("NO_PROXY")
+        .or_else(|_| std::env::var("no_proxy"))
+        .unwrap_or_default();
+    let mut hosts: Vec<&str> = current
+        .split(',')
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .collect();
+    for loopback in ["localhost", "127.0.0.0/8", "::1"] {
+        if !hosts.contains(&loopback) {
+            hosts.push(loopback);
+        }
+    }
+    // SAFETY: called first thing in `main`, before any other thread exists.
+    unsafe { std::env::set_var("NO_PROXY", hosts.join(",")) };
 }
 
 /// SIGTERM or SIGINT (Ctrl-C).

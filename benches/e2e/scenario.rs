@@ -25,7 +25,7 @@ pub(crate) struct Args {
     /// The daemon's CONCURRENCY.
     #[arg(long, default_value_t = 64)]
     concurrency: u32,
-    /// The daemon's PREFETCH (default: the daemon's own, = CONCURRENCY).
+    /// The daemon's PREFETCH (default: the daemon's own, 2 × CONCURRENCY).
     #[arg(long)]
     prefetch: Option<u16>,
     /// The daemon's RATE_LIMIT (API calls per second).
@@ -260,7 +260,7 @@ impl Scenario {
             extra_env: a.extra_env.clone(),
             sandbox: SandboxLimits::default(),
         };
-        // Each speed scenario with the default PREFETCH (= CONCURRENCY), and
+        // Each speed scenario with the default PREFETCH (2 × CONCURRENCY), and
         // the two single-message ones again with a prefetch that lets
         // messages wait in the daemon's lookup and audit stages while
         // CONCURRENCY calls stay in flight.

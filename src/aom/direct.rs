@@ -38,7 +38,7 @@ const PROXY_VARIABLES: [&str; 6] = [
 ];
 
 /// Whether a proxy is configured in the environment.
-pub(super) fn proxy_configured() -> bool {
+pub fn proxy_configured() -> bool {
     PROXY_VARIABLES
         .iter()
         .any(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()))

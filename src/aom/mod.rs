@@ -11,6 +11,7 @@ mod direct;
 pub mod route;
 
 pub use client::{ApiError, CallError, TerminateClient};
+pub use direct::proxy_configured;
 
 /// Log directives that quiet the certificate verifier: it logs every failed
 /// verification at ERROR, and the daemon logs a TLS failure with the API once

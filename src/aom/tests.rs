@@ -280,7 +280,6 @@ async fn iam_names_each_project_region_once() {
         .into_iter()
         .map(|r| r.expect("routed").base.host_str().unwrap_or("").to_owned())
         .collect();
-    hosts.dedup();
     hosts.sort();
     hosts.dedup();
     assert_eq!(

@@ -260,7 +260,9 @@ pub(super) fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 /// The report as `report --format table` prints it (also `demo`'s summary).
 pub fn to_table(r: &Report) -> String {
     let mut out = String::new();
-    let window = match r.since {
+    // The window counted: `since`, or the start of its hour where a prune
+    // removed the rows of that hour.
+    let window = match r.summary.window_start {
         Some(t) => format!("since {}", t.format("%Y-%m-%d %H:%M:%S UTC")),
         None => "all time".to_owned(),
     };

@@ -105,6 +105,49 @@ async fn demo_runs_a_mass_cancellation_end_to_end_and_cleans_up() {
 }
 
 #[tokio::test]
+async fn a_proxy_in_the_shell_does_not_catch_the_local_sandbox() {
+    // A user's corporate proxy (here one that is not even there) is for the
+    // world outside: the demo's calls to its own sandbox on loopback go
+    // direct, and none fails to connect.
+    let env = TestEnv::new().await;
+    let queue = format!("{}.demo-proxy", env.queue);
+    let dead = format!("{}.demo-proxy-dead", env.queue);
+    let child = binary()
+        .arg("demo")
+        .args([
+            "--queue",
+            &queue,
+            "--dead-letter-queue",
+            &dead,
+            "--requests",
+            "50",
+        ])
+        .env("AMQP_URL", &env.amqp_url)
+        .env("DATABASE_URL", &env.database_url)
+        .env("HTTP_PROXY", "http://127.0.0.1:9")
+        .env("https_proxy", "http://127.0.0.1:9")
+        .env("NO_PROXY", "corp.example")
+        .spawn()
+        .expect("spawn demo");
+    let (code, out) = output(child).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(
+        env.count("SELECT count(*) FROM termination_outcomes WHERE requested_by = 'demo'")
+            .await,
+        50
+    );
+    assert_eq!(
+        env.count(
+            "SELECT count(*) FROM termination_attempts \
+             WHERE error_kind IN ('connect', 'network', 'timeout')"
+        )
+        .await,
+        0,
+        "no call went to the proxy"
+    );
+}
+
+#[tokio::test]
 async fn demo_names_the_unreachable_peer_in_one_line_and_exits_2() {
     let env = TestEnv::new().await;
     let cases = [

@@ -205,7 +205,10 @@ impl IamTokens {
         let project = slot.label().to_owned();
         let refused_home = self.home.as_ref().is_some_and(|h| Arc::ptr_eq(h, slot));
         let home = if refused_home {
-            Err(AuthError::Iam(why.clone()))
+            Err(AuthError::NotCovered {
+                project: project.clone(),
+                why: why.clone(),
+            })
         } else {
             self.check_credentials().await
         };
@@ -223,9 +226,10 @@ impl IamTokens {
                 }
                 AuthError::NotCovered { project, why }
             }
-            Err(AuthError::NotCovered { why, .. }) | Err(AuthError::Iam(why)) => {
+            Err(AuthError::NotCovered { why, .. }) => {
                 AuthError::Iam(format!("IAM refused the credentials: {why}"))
             }
+            // IAM down or answering 5xx: not a verdict on the credentials.
             Err(other) => other,
         }
     }
