@@ -4,8 +4,8 @@
 //! name in IAM (`GET /v3/projects/{id}`), else none: the request cannot be
 //! routed, a verdict on the request rather than a fault of the credentials.
 
+use super::auth::Auth;
 use super::auth::iam::Lookup;
-use super::auth::{Auth, AuthError};
 use super::client::CallError;
 use crate::domain::{ProjectId, Region, TerminationRequest};
 use crate::settings::AomEndpoint;
@@ -136,23 +136,29 @@ impl Router {
             Err(Lookup::Unknown(why)) => Known::Unknown(Instant::now(), why),
             Err(Lookup::Auth(e)) => return Err(CallError::from(e)),
         };
+        let result = answer.result();
         *learnt.answer.lock().unwrap_or_else(|p| p.into_inner()) = Some(answer);
-        learnt.known().unwrap_or_else(|| {
-            Err(CallError::Auth(AuthError::Iam(
-                "the region lookup left no answer".to_owned(),
-            )))
-        })
+        result
+    }
+}
+
+impl Known {
+    fn result(&self) -> Result<Region, CallError> {
+        match self {
+            Known::Region(region) => Ok(region.clone()),
+            Known::Unknown(_, why) => Err(CallError::Unroutable(format!(
+                "no region for the project: {why}"
+            ))),
+        }
     }
 }
 
 impl Learnt {
     fn known(&self) -> Option<Result<Region, CallError>> {
         match &*self.answer.lock().unwrap_or_else(|p| p.into_inner()) {
-            Some(Known::Region(region)) => Some(Ok(region.clone())),
-            Some(Known::Unknown(at, why)) if at.elapsed() < UNKNOWN_HOLD => Some(Err(
-                CallError::Unroutable(format!("no region for the project: {why}")),
-            )),
-            _ => None,
+            Some(Known::Unknown(at, _)) if at.elapsed() >= UNKNOWN_HOLD => None,
+            Some(known) => Some(known.result()),
+            None => None,
         }
     }
 }

@@ -34,7 +34,7 @@ const TABLES: [(&str, &str, &str); 3] = [
 impl Reports {
     /// Rows older than `cut`, counted.
     pub async fn count_older(&self, cut: DateTime<Utc>) -> Result<Pruned, AuditError> {
-        let pool = &self.pool;
+        let pool = self.pool();
         let mut n = [0u64; 3];
         for (slot, (table, time, _)) in n.iter_mut().zip(TABLES) {
             let count: i64 =
@@ -55,7 +55,7 @@ impl Reports {
     /// the prune in `termination_prunes` (before the first delete, so that a
     /// report knows the rows before `cut` may be gone).
     pub async fn prune(&self, cut: DateTime<Utc>, batch: u32) -> Result<Pruned, AuditError> {
-        let pool = &self.pool;
+        let pool = self.pool();
         // Not needed for the totals (the deltas outlive the rows they
         // count), but a prune is a quiet moment to leave them empty.
         super::fold::fold(pool).await?;

@@ -92,7 +92,7 @@ const FILTER: &str = "($1::timestamptz IS NULL OR o.finished_at >= $1) \
 
 /// A connection pool for one report.
 pub struct Reports {
-    pub(super) pool: PgPool,
+    pool: PgPool,
 }
 
 impl Reports {

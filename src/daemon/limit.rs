@@ -25,9 +25,8 @@ pub struct CallLimit {
 }
 
 struct Adaptive {
+    /// Its limit is the one the permits are at.
     control: AdaptiveLimit,
-    /// The limit the permits are at now.
-    applied: usize,
     /// Permits still to withhold as calls give them back.
     owed: usize,
     /// The limit last logged: a change of more than 2× from it is logged.
@@ -45,20 +44,19 @@ pub struct CallPermit<'a> {
 impl CallLimit {
     pub fn new(cap: usize, control: ConcurrencyControl, metrics: Arc<Metrics>) -> Self {
         let cap = cap.max(1);
-        let adaptive = match control {
-            ConcurrencyControl::Fixed => None,
+        let (start, adaptive) = match control {
+            ConcurrencyControl::Fixed => (cap, None),
             ConcurrencyControl::Adaptive => {
                 let control = AdaptiveLimit::new(cap, Instant::now().into_std());
                 let start = control.limit();
-                Some(Mutex::new(Adaptive {
+                let adaptive = Adaptive {
                     control,
-                    applied: start,
                     owed: 0,
                     logged: start,
-                }))
+                };
+                (start, Some(Mutex::new(adaptive)))
             }
         };
-        let start = adaptive.as_ref().map_or(cap, |a| lock(a).applied);
         metrics.set_concurrency_limit(start);
         Self {
             cap,
@@ -71,7 +69,9 @@ impl CallLimit {
 
     /// The limit in force: `CONCURRENCY`, or what the adaptive limit says.
     pub fn current(&self) -> usize {
-        self.adaptive.as_ref().map_or(self.cap, |a| lock(a).applied)
+        self.adaptive
+            .as_ref()
+            .map_or(self.cap, |a| lock(a).control.limit())
     }
 
     /// Whether a 429 should hold every call start for its `Retry-After`:
@@ -104,6 +104,7 @@ impl CallLimit {
         };
         let mut a = lock(adaptive);
         if let Some(attempt) = answer {
+            let before = a.control.limit();
             let changed = a.control.on_answer(Answer {
                 started: started.into_std(),
                 answered: Instant::now().into_std(),
@@ -111,7 +112,7 @@ impl CallLimit {
                 in_flight,
             });
             if let Some(limit) = changed {
-                self.apply(&mut a, limit);
+                self.apply(&mut a, before, limit);
             }
         }
         if a.owed > 0 {
@@ -122,19 +123,19 @@ impl CallLimit {
         }
     }
 
-    /// Bring the permits to `limit`: withhold or return the difference.
-    fn apply(&self, a: &mut Adaptive, limit: usize) {
-        if limit < a.applied {
-            let fewer = a.applied - limit;
+    /// Bring the permits from `from` to `limit`: withhold or return the
+    /// difference.
+    fn apply(&self, a: &mut Adaptive, from: usize, limit: usize) {
+        if limit < from {
+            let fewer = from - limit;
             let forgotten = self.permits.forget_permits(fewer);
             a.owed += fewer - forgotten;
         } else {
-            let more = limit - a.applied;
+            let more = limit - from;
             let forgiven = more.min(a.owed);
             a.owed -= forgiven;
             self.permits.add_permits(more - forgiven);
         }
-        a.applied = limit;
         self.metrics.set_concurrency_limit(limit);
         if limit >= 2 * a.logged || 2 * limit <= a.logged {
             tracing::info!(

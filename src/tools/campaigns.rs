@@ -3,7 +3,7 @@
 //! `termination_campaign_progress` view, errors from the campaign's outcomes.
 
 use super::output::csv_error;
-use super::report::{ReportArgs, ReportFormat, table};
+use super::report::{ReportArgs, ReportFormat, errors_table, table};
 use crate::audit::campaigns::Progress;
 use crate::audit::report::{Count, ErrorCount, Reports};
 use crate::domain::Outcome;
@@ -278,23 +278,8 @@ pub fn to_table(r: &CampaignReport) -> String {
         .collect();
     out.push_str(&table(&["outcome", "requests"], &rows));
     if !r.errors.is_empty() {
-        let rows: Vec<Vec<String>> = r
-            .errors
-            .iter()
-            .map(|e| {
-                vec![
-                    e.outcome.clone(),
-                    e.http_status.map_or_else(|| "-".into(), |s| s.to_string()),
-                    e.error_code.clone().unwrap_or_else(|| "-".into()),
-                    e.count.to_string(),
-                ]
-            })
-            .collect();
         out.push('\n');
-        out.push_str(&table(
-            &["outcome", "status", "error_code", "requests"],
-            &rows,
-        ));
+        out.push_str(&errors_table(&r.errors));
     }
     out
 }

@@ -2,7 +2,7 @@
 //! still pending in the queue.
 
 use super::output::csv_error;
-use crate::audit::report::{Filter, Reports, Summary};
+use crate::audit::report::{ErrorCount, Filter, Reports, Summary};
 use crate::broker::management::{QueueCounts, queue_counts};
 use crate::domain::Outcome;
 use crate::settings::{BrokerArgs, DatabaseArgs, management_url};
@@ -257,6 +257,23 @@ pub(super) fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// The failed requests by outcome, status and error code, as `report` and
+/// `report --campaign` print them.
+pub(super) fn errors_table(errors: &[ErrorCount]) -> String {
+    let rows: Vec<Vec<String>> = errors
+        .iter()
+        .map(|e| {
+            vec![
+                e.outcome.clone(),
+                e.http_status.map_or_else(|| "-".into(), |s| s.to_string()),
+                e.error_code.clone().unwrap_or_else(|| "-".into()),
+                e.count.to_string(),
+            ]
+        })
+        .collect();
+    table(&["outcome", "status", "error_code", "requests"], &rows)
+}
+
 /// The report as `report --format table` prints it (also `demo`'s summary).
 pub fn to_table(r: &Report) -> String {
     let mut out = String::new();
@@ -292,25 +309,7 @@ pub fn to_table(r: &Report) -> String {
     out.push_str(&table(&["outcome", "requests"], &outcomes));
     if !r.summary.errors.is_empty() {
         out.push('\n');
-        let rows: Vec<Vec<String>> = r
-            .summary
-            .errors
-            .iter()
-            .map(|e| {
-                vec![
-                    e.outcome.clone(),
-                    e.http_status
-                        .map(|s| s.to_string())
-                        .unwrap_or_else(|| "-".into()),
-                    e.error_code.clone().unwrap_or_else(|| "-".into()),
-                    e.count.to_string(),
-                ]
-            })
-            .collect();
-        out.push_str(&table(
-            &["outcome", "status", "error_code", "requests"],
-            &rows,
-        ));
+        out.push_str(&errors_table(&r.summary.errors));
     }
     if r.summary.projects.len() > 1 {
         out.push('\n');

@@ -97,7 +97,7 @@ async fn against_a_rate_limit_everything_succeeds_and_the_limit_comes_down() {
         .count("SELECT count(*) FROM termination_attempts WHERE http_status = 429")
         .await;
     let answered = env.sandbox.sandbox().stats().by_status.get(&429).copied();
-    assert_eq!(Some(recorded as u64), answered.or(Some(0)));
+    assert_eq!(recorded as u64, answered.unwrap_or(0));
 }
 
 #[tokio::test]
