@@ -167,6 +167,15 @@ impl FakeApi {
     pub(super) fn calls(&self) -> Vec<(String, Instant)> {
         self.calls.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
+
+    /// When each call for execution `ex` was made.
+    pub(super) fn calls_to(&self, ex: &str) -> Vec<Instant> {
+        self.calls()
+            .into_iter()
+            .filter(|(e, _)| e == ex)
+            .map(|(_, t)| t)
+            .collect()
+    }
 }
 
 /// In a script: a 503 with `Retry-After: 1` (the backend's queue is full).

@@ -21,9 +21,7 @@ async fn publish_batches(env: &TestEnv, prefix: &str, n: usize) {
 /// The daemon's `aom_terminator_concurrency_limit`, scraped.
 async fn concurrency_limit(metrics: std::net::SocketAddr) -> Option<u64> {
     let (_, body) = http_get(&format!("http://{metrics}/metrics")).await;
-    body.lines()
-        .find_map(|l| l.strip_prefix("aom_terminator_concurrency_limit "))
-        .and_then(|v| v.trim().parse().ok())
+    metric(&body, "aom_terminator_concurrency_limit ").map(|v| v as u64)
 }
 
 /// Wait for `n` outcomes, scraping the limit meanwhile; its lowest value.
@@ -42,11 +40,6 @@ async fn lowest_limit_until_done(env: &TestEnv, metrics: std::net::SocketAddr, n
     )
     .await;
     lowest.get()
-}
-
-async fn succeeded(env: &TestEnv) -> i64 {
-    env.count("SELECT count(*) FROM termination_outcomes WHERE outcome = 'succeeded'")
-        .await
 }
 
 /// The share of the sandbox's answers that were `status`.

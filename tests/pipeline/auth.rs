@@ -59,11 +59,6 @@ pub fn refs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
-pub async fn succeeded(env: &TestEnv) -> i64 {
-    env.count("SELECT count(*) FROM termination_outcomes WHERE outcome = 'succeeded'")
-        .await
-}
-
 #[tokio::test]
 async fn a_rotated_token_file_is_used_without_a_restart() {
     let env = TestEnv::with_sandbox(SandboxArgs {

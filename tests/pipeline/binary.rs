@@ -163,10 +163,3 @@ async fn metrics_and_health_are_served_during_a_run() {
     let err = result.expect_err("the port is taken");
     assert!(err.to_string().contains("METRICS_ADDR"), "{err}");
 }
-
-/// The value of one sample line of the Prometheus text format.
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(name)?.trim().split(' ').next()?.parse().ok())
-}

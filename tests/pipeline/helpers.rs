@@ -706,3 +706,27 @@ pub async fn terminate(child: Child) -> (Option<i32>, String) {
     }
     output(child).await
 }
+
+/// How many requests ended `succeeded`.
+pub async fn succeeded(env: &TestEnv) -> i64 {
+    env.count("SELECT count(*) FROM termination_outcomes WHERE outcome = 'succeeded'")
+        .await
+}
+
+/// `report --format json` with `args`, through the binary.
+pub async fn report_json(env: &TestEnv, args: &[&str]) -> serde_json::Value {
+    let mut cmd = binary();
+    cmd.args(["report", "--format", "json"])
+        .args(args)
+        .envs(env.binary_env_without_auth());
+    let (code, out) = output(cmd.spawn().expect("spawn report")).await;
+    assert_eq!(code, Some(0), "{out}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// The value of the metric line starting `name` in a `/metrics` text.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.trim().split(' ').next()?.parse().ok())
+}

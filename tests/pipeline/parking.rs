@@ -59,19 +59,6 @@ async fn succeeded_twice(env: &TestEnv) -> i64 {
     .await
 }
 
-async fn report(env: &TestEnv) -> serde_json::Value {
-    let (code, out) = output(
-        binary()
-            .args(["report", "--format", "json"])
-            .envs(env.binary_env_without_auth())
-            .spawn()
-            .expect("spawn report"),
-    )
-    .await;
-    assert_eq!(code, Some(0), "{out}");
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
-}
-
 #[tokio::test]
 async fn a_401_for_one_project_never_stalls_another() {
     let env = TestEnv::with_sandbox(two_tokens()).await;
@@ -107,7 +94,7 @@ async fn a_401_for_one_project_never_stalls_another() {
     })
     .await;
     assert_eq!(env.outcomes().await, 200, "no verdict for any of B");
-    assert_eq!(report(&env).await["pending"]["parked"], 299);
+    assert_eq!(report_json(&env, &[]).await["pending"]["parked"], 299);
     let (status, body) = http_get(&format!("http://{metrics}/readyz")).await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains(B), "/readyz names the held project: {body}");
@@ -129,7 +116,7 @@ async fn a_401_for_one_project_never_stalls_another() {
     assert_eq!(env.outcomes().await, 500);
     assert_eq!(succeeded_twice(&env).await, 0, "nothing sent twice");
     // The report groups by project.
-    let projects = report(&env).await["projects"].clone();
+    let projects = report_json(&env, &[]).await["projects"].clone();
     let of = |p: &str| {
         projects
             .as_array()

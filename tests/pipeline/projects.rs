@@ -8,7 +8,7 @@
 
 use crate::auth::{
     AK, IAM_DOMAIN, IAM_PASSWORD, IAM_USER, SK, aksk_sandbox, iam_flags_with_home,
-    iam_sandbox as iam_account, refs, succeeded,
+    iam_sandbox as iam_account, refs,
 };
 use crate::helpers::*;
 use aom_terminator::sandbox::{SandboxArgs, parse_project_list, parse_project_regions};

@@ -7,17 +7,6 @@ use aom_terminator::sandbox::SandboxArgs;
 use serde_json::Value;
 use std::time::Duration;
 
-/// `report --format json` with `args`, through the binary.
-async fn report(env: &TestEnv, args: &[&str]) -> Value {
-    let mut cmd = binary();
-    cmd.args(["report", "--format", "json"])
-        .args(args)
-        .envs(env.binary_env_without_auth());
-    let (code, out) = output(cmd.spawn().expect("spawn report")).await;
-    assert_eq!(code, Some(0), "{out}");
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
-}
-
 /// `audit prune` with `args`, through the binary: exit code and output.
 async fn prune(env: &TestEnv, args: &[&str]) -> (Option<i32>, String) {
     let mut cmd = binary();
@@ -153,7 +142,7 @@ async fn report_totals_equal_raw_counts_for_the_daemon_and_a_hand_written_insert
             "requested_by = 'backfill'",
         ),
     ] {
-        let r = report(&env, &args).await;
+        let r = report_json(&env, &args).await;
         let raw = |outcome: &str| {
             format!(
                 "SELECT count(*) FROM termination_outcomes WHERE {filter} AND outcome = '{outcome}'"
@@ -180,7 +169,7 @@ async fn report_totals_equal_raw_counts_for_the_daemon_and_a_hand_written_insert
             .await;
         assert_eq!(r["latency_ms"]["calls"], calls, "{args:?}");
     }
-    let all = report(&env, &[]).await;
+    let all = report_json(&env, &[]).await;
     assert_eq!(all["total"], 30 + 40 + 7);
     assert_eq!(count(&all, "rejected"), 5);
     assert_eq!(
@@ -271,7 +260,7 @@ async fn prune_during_a_run_loses_nothing_and_changes_no_total() {
     })
     .await;
     backfill(&env, "old-", 3000, 200).await;
-    let before = report(&env, &[]).await;
+    let before = report_json(&env, &[]).await;
     // The pruned hours as the view shows them, counts and quantiles.
     let old_hours = || async {
         sqlx::query_scalar::<_, String>(
@@ -318,14 +307,14 @@ async fn prune_during_a_run_loses_nothing_and_changes_no_total() {
         200,
         "the run's rows are all there"
     );
-    let after = report(&env, &[]).await;
+    let after = report_json(&env, &[]).await;
     assert_eq!(after["total"], before["total"].as_i64().unwrap_or(0) + 200);
     assert_eq!(
         count(&after, "failed_permanent"),
         count(&before, "failed_permanent") + 40
     );
     // The pruned rows' report (their workflow alone) and hours are what they were.
-    let old = report(&env, &["--workflow", "wf-old"]).await;
+    let old = report_json(&env, &["--workflow", "wf-old"]).await;
     assert_eq!(totals(&old), totals(&before));
     assert_eq!(old_hours().await, old_hours_before);
 }
@@ -334,7 +323,7 @@ async fn prune_during_a_run_loses_nothing_and_changes_no_total() {
 async fn a_prune_of_an_empty_window_is_a_no_op() {
     let env = TestEnv::new().await;
     backfill(&env, "recent-", 50, 1).await;
-    let before = report(&env, &["--since", "3d"]).await;
+    let before = report_json(&env, &["--since", "3d"]).await;
     let args = ["--older-than", "180d"];
     let (code, out) = prune(&env, &[&args[..], &["--dry-run"]].concat()).await;
     assert_eq!(code, Some(0), "{out}");
@@ -359,7 +348,7 @@ async fn a_prune_of_an_empty_window_is_a_no_op() {
         100
     );
     assert_eq!(
-        totals(&report(&env, &["--since", "3d"]).await),
+        totals(&report_json(&env, &["--since", "3d"]).await),
         totals(&before)
     );
 }
@@ -369,7 +358,7 @@ async fn two_prunes_at_once_do_not_double_count() {
     let env = TestEnv::new().await;
     backfill(&env, "a-", 4000, 250).await;
     backfill(&env, "b-", 1000, 1).await;
-    let before = report(&env, &[]).await;
+    let before = report_json(&env, &[]).await;
     let args = [
         "--older-than",
         "200d",
@@ -403,7 +392,7 @@ async fn two_prunes_at_once_do_not_double_count() {
             .await,
         4000
     );
-    assert_eq!(totals(&report(&env, &[]).await), totals(&before));
+    assert_eq!(totals(&report_json(&env, &[]).await), totals(&before));
 }
 
 #[tokio::test]
@@ -581,7 +570,7 @@ async fn a_report_right_after_a_hand_written_insert_counts_it() {
             .await,
         500
     );
-    let r = report(&env, &[]).await;
+    let r = report_json(&env, &[]).await;
     assert_eq!(count(&r, "succeeded"), 400, "{r}");
     assert_eq!(count(&r, "failed_permanent"), 100, "{r}");
     assert_eq!(r["latency_ms"]["calls"].as_i64(), Some(1000), "{r}");

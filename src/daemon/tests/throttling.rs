@@ -4,17 +4,6 @@
 
 use super::*;
 
-fn calls_to(w: &World<FakeApi>, ex: &str) -> Vec<Instant> {
-    w.pipeline
-        .dispatcher
-        .api()
-        .calls()
-        .into_iter()
-        .filter(|(e, _)| e == ex)
-        .map(|(_, t)| t)
-        .collect()
-}
-
 #[tokio::test(start_paused = true)]
 async fn throttled_answers_do_not_count_toward_max_attempts() {
     // MAX_ATTEMPTS=2: one 500 may be retried; the 429s and the busy 503s
@@ -26,7 +15,7 @@ async fn throttled_answers_do_not_count_toward_max_attempts() {
         Handled::Settled
     );
     assert_eq!(
-        calls_to(&w, "ex-1").len(),
+        w.pipeline.dispatcher.api().calls_to("ex-1").len(),
         script.len(),
         "every one retried"
     );
@@ -35,7 +24,7 @@ async fn throttled_answers_do_not_count_toward_max_attempts() {
     // A 503 without Retry-After is a server error like any other: counted.
     let w = world(FakeApi::scripted(&[("ex-1", &[503, 503])]), 2, |_, _| {});
     run_one(&w, message(&[("r1", "ex-1")])).await;
-    assert_eq!(calls_to(&w, "ex-1").len(), 2);
+    assert_eq!(w.pipeline.dispatcher.api().calls_to("ex-1").len(), 2);
     assert!(
         w.log
             .events()
@@ -64,7 +53,7 @@ async fn a_request_throttled_for_throttle_give_up_ends_failed_retries_exhausted(
     );
     // Each 429 asks for 2 s: about 15 calls in 30 s, far more than the 5
     // attempts.
-    let calls = calls_to(&w, "ex-1");
+    let calls = w.pipeline.dispatcher.api().calls_to("ex-1");
     assert!(calls.len() >= 10, "{} calls", calls.len());
     let last = calls.last().map(|t| *t - started).unwrap_or_default();
     assert!(last >= Duration::from_secs(30), "gave up after {last:?}");
@@ -100,7 +89,11 @@ async fn a_redelivered_request_gives_up_counting_from_its_first_throttled_answer
             .events()
             .contains(&committed("r1", "failed_retries_exhausted"))
     );
-    let last = calls_to(&w, "ex-1")
+    let last = w
+        .pipeline
+        .dispatcher
+        .api()
+        .calls_to("ex-1")
         .last()
         .map(|t| *t - started)
         .unwrap_or_default();
@@ -143,7 +136,7 @@ async fn an_adaptive_limit_cuts_on_429s_instead_of_holding_every_call() {
         run_one(&w, message(&[("b", "ex-b")])).await,
         Handled::Settled
     );
-    assert_eq!(calls_to(&w, "ex-b"), [started]);
+    assert_eq!(w.pipeline.dispatcher.api().calls_to("ex-b"), [started]);
     assert_eq!(first.await.expect("joined"), Handled::Settled);
     let events = w.log.events();
     for (id, _) in &ids {
