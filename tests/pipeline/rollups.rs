@@ -302,7 +302,10 @@ async fn prune_during_a_run_loses_nothing_and_changes_no_total() {
     let still_running = env.count(run_outcomes).await < 200;
     env.wait_outcomes(200).await;
     daemon.stop().await;
-    assert!(still_running, "the prune ended after the run: not a prune during a run");
+    assert!(
+        still_running,
+        "the prune ended after the run: not a prune during a run"
+    );
     assert_eq!(
         env.count(run_outcomes).await,
         200,
