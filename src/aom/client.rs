@@ -7,7 +7,7 @@ use super::classify::{classify_answer, classify_transport_error};
 use super::direct::{self, Answer, Direct, proxy_configured};
 use super::route::{Route, Router};
 use crate::domain::{Attempt, ErrorKind, TerminationRequest};
-use crate::settings::{AomEndpoint, AuthSettings};
+use crate::settings::{AomEndpoint, AuthSettings, HttpVersion};
 use crate::telemetry::tls_failure;
 use chrono::Utc;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
@@ -93,26 +93,57 @@ impl std::fmt::Debug for TerminateClient {
     }
 }
 
+/// How the terminate calls are made.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpOptions<'a> {
+    /// Timeout of one call.
+    pub timeout: Duration,
+    /// Keep-alive connections kept per host: the concurrency, so that a
+    /// steady load never reconnects.
+    pub pool: usize,
+    /// CAs trusted besides the system's roots (AOM_CA_FILE), for the API
+    /// and IAM alike.
+    pub ca_pem: Option<&'a str>,
+    /// Which HTTP the calls speak (AOM_HTTP_VERSION).
+    pub version: HttpVersion,
+}
+
+impl HttpOptions<'_> {
+    /// The system's roots only, HTTP/1.1.
+    pub fn new(timeout: Duration, pool: usize) -> Self {
+        Self {
+            timeout,
+            pool,
+            ca_pem: None,
+            version: HttpVersion::Http1,
+        }
+    }
+}
+
 impl TerminateClient {
-    /// `pool` is the number of keep-alive connections kept per host: the
-    /// concurrency, so that a steady load never reconnects.
-    /// `ca_pem`: CAs trusted besides the system's roots (AOM_CA_FILE), for
-    /// the API and IAM alike. Proxies come from `HTTPS_PROXY`, `HTTP_PROXY`
-    /// and `NO_PROXY`, as reqwest reads them; none by default. Without one,
-    /// the calls go through hyper's client directly ([`super::direct`]).
+    /// Proxies come from `HTTPS_PROXY`, `HTTP_PROXY` and `NO_PROXY`, as
+    /// reqwest reads them; none by default. Without one, the calls go
+    /// through hyper's client directly ([`super::direct`]).
     /// `endpoint`: an [`AomEndpoint`], or a plain URL (a fixed endpoint).
     pub fn new<E: Clone + Into<AomEndpoint>>(
         endpoint: &E,
         auth: &AuthSettings,
-        timeout: Duration,
-        pool: usize,
-        ca_pem: Option<&str>,
+        options: HttpOptions<'_>,
     ) -> Result<Self, ApiError> {
+        let HttpOptions {
+            timeout,
+            pool,
+            ca_pem,
+            version,
+        } = options;
         let mut builder = reqwest::Client::builder();
         if let Some(pem) = ca_pem {
             let certs =
                 reqwest::Certificate::from_pem_bundle(pem.as_bytes()).map_err(ApiError::Ca)?;
             builder = builder.tls_certs_merge(certs);
+        }
+        if version == HttpVersion::Http1 {
+            builder = builder.http1_only();
         }
         let http = builder
             .timeout(timeout)
@@ -129,7 +160,7 @@ impl TerminateClient {
         let direct = if proxy_configured() {
             None
         } else {
-            Some(Direct::new(timeout, pool, ca_pem)?)
+            Some(Direct::new(timeout, pool, ca_pem, version)?)
         };
         Ok(Self {
             http,
@@ -281,9 +312,7 @@ mod tests {
         let client = TerminateClient::new(
             &Url::parse("https://aom.example.com/prefix/").expect("url"),
             &AuthSettings::Token("t".to_owned().into()),
-            Duration::from_secs(1),
-            1,
-            None,
+            HttpOptions::new(Duration::from_secs(1), 1),
         )
         .expect("client");
         let req = TerminationRequest {

@@ -1,7 +1,7 @@
 //! The terminate calls' HTTP client when no proxy is configured: hyper's
 //! pooled client directly, over rustls with the same verifier as reqwest's
-//! (the platform's roots, plus `AOM_CA_FILE`), HTTP/1.1 or HTTP/2 as the
-//! server offers (ALPN).
+//! (the platform's roots, plus `AOM_CA_FILE`), HTTP/1.1, or HTTP/2 when
+//! `AOM_HTTP_VERSION=auto` and the server offers it (ALPN).
 //!
 //! reqwest does more per call than a terminate call needs: it clones its
 //! client and connector, runs its redirect, retry and timeout layers, and
@@ -11,6 +11,7 @@
 //! `HTTP(S)_PROXY`/`NO_PROXY`), and IAM's.
 
 use super::client::ApiError;
+use crate::settings::HttpVersion;
 use crate::telemetry::causes;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
@@ -100,10 +101,13 @@ impl Direct {
     /// and reqwest's TCP keepalive and user timeout, so that a pooled
     /// connection a NAT or load balancer dropped is found before a call
     /// waits on it for its whole timeout.
+    /// `version`: HTTP/1.1 only, or HTTP/2 too when an https server offers
+    /// it by ALPN (plain http is always HTTP/1.1).
     pub(super) fn new(
         timeout: Duration,
         pool: usize,
         ca_pem: Option<&str>,
+        version: HttpVersion,
     ) -> Result<Self, ApiError> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
@@ -117,9 +121,11 @@ impl Direct {
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls_config(ca_pem)?)
             .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
+            .enable_http1();
+        let https = match version {
+            HttpVersion::Http1 => https.wrap_connector(http),
+            HttpVersion::Auto => https.enable_http2().wrap_connector(http),
+        };
         let client = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(pool)
             .pool_idle_timeout(Duration::from_secs(60))

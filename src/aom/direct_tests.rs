@@ -3,6 +3,7 @@
 //! without an answer is told apart (timeout, refused, TLS).
 
 use super::direct::{Direct, Failure};
+use crate::settings::HttpVersion;
 use crate::telemetry::tls_failure;
 use reqwest::Url;
 use reqwest::header::{HeaderName, HeaderValue};
@@ -60,7 +61,7 @@ async fn a_call_is_a_post_with_its_headers_and_the_answer_is_kept_up_to_the_limi
     .into_bytes();
     answer.extend_from_slice(&body);
     let (url, head) = one_shot(Some(answer)).await;
-    let direct = Direct::new(Duration::from_secs(5), 1, None).expect("client");
+    let direct = Direct::new(Duration::from_secs(5), 1, None, HttpVersion::Http1).expect("client");
     let (status, headers, kept) = direct.post(&url, token(), 65_536).await.expect("answer");
     assert_eq!(status.as_u16(), 429);
     assert_eq!(
@@ -87,7 +88,8 @@ async fn a_call_is_a_post_with_its_headers_and_the_answer_is_kept_up_to_the_limi
 #[tokio::test]
 async fn no_answer_within_the_timeout_is_a_timeout() {
     let (url, _head) = one_shot(None).await;
-    let direct = Direct::new(Duration::from_millis(300), 1, None).expect("client");
+    let direct =
+        Direct::new(Duration::from_millis(300), 1, None, HttpVersion::Http1).expect("client");
     let failure = direct
         .post(&url, token(), 1024)
         .await
@@ -102,7 +104,7 @@ async fn a_refused_connection_is_a_connect_failure() {
     let addr = listener.local_addr().expect("addr");
     drop(listener);
     let url = Url::parse(&format!("http://{addr}/x")).expect("url");
-    let direct = Direct::new(Duration::from_secs(5), 1, None).expect("client");
+    let direct = Direct::new(Duration::from_secs(5), 1, None, HttpVersion::Http1).expect("client");
     let failure = direct.post(&url, token(), 1024).await.expect_err("refused");
     assert!(failure.is_connect(), "{failure:?}");
     assert!(tls_failure(&failure).is_none());
@@ -122,7 +124,7 @@ async fn a_server_that_is_not_tls_fails_as_tls_on_https() {
             .await;
     });
     let url = Url::parse(&format!("https://{addr}/x")).expect("url");
-    let direct = Direct::new(Duration::from_secs(5), 1, None).expect("client");
+    let direct = Direct::new(Duration::from_secs(5), 1, None, HttpVersion::Http1).expect("client");
     let failure = direct.post(&url, token(), 1024).await.expect_err("not TLS");
     assert!(matches!(failure, Failure::Send(_)), "{failure:?}");
     assert!(tls_failure(&failure).is_some(), "{failure:?}");

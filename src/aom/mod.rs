@@ -10,7 +10,7 @@ mod client;
 mod direct;
 pub mod route;
 
-pub use client::{ApiError, CallError, TerminateClient};
+pub use client::{ApiError, CallError, HttpOptions, TerminateClient};
 pub use direct::proxy_configured;
 
 /// Log directives that quiet the certificate verifier: it logs every failed

@@ -1,7 +1,7 @@
 //! The adapter against the in-process sandbox: routes to regions, tokens per
 //! project (cached, single-flight), and projects the credentials do not cover.
 
-use super::{CallError, TerminateClient};
+use super::{CallError, HttpOptions, TerminateClient};
 use crate::domain::{ExecutionId, ProjectId, Region, TerminationRequest, WorkflowId};
 use crate::sandbox::{
     RunningSandbox, Sandbox, SandboxArgs, parse_project_list, parse_project_regions,
@@ -60,7 +60,8 @@ fn iam(iam: &RunningSandbox, password: &str, home: Option<ProjectScope>) -> Auth
 }
 
 fn client(endpoint: AomEndpoint, auth: &AuthSettings) -> TerminateClient {
-    TerminateClient::new(&endpoint, auth, Duration::from_secs(5), 4, None).expect("client")
+    TerminateClient::new(&endpoint, auth, HttpOptions::new(Duration::from_secs(5), 4))
+        .expect("client")
 }
 
 fn fixed(sb: &RunningSandbox) -> AomEndpoint {

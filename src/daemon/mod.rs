@@ -24,7 +24,7 @@ pub use dispatch::{Api, Dispatched, Dispatcher, End, Limits};
 pub use holds::Holds;
 pub use pipeline::{Handled, Letters, Pipeline, Store};
 
-use crate::aom::TerminateClient;
+use crate::aom::{HttpOptions, TerminateClient};
 use crate::audit::{Audit, AuditWriter, FinalLookups, fold};
 use crate::broker::{self, AckHandle, DeadLetters, Parking};
 use crate::domain::{Message, Outcome, ParsedMessage};
@@ -126,9 +126,12 @@ async fn serve(
     let client = TerminateClient::new(
         &cfg.endpoint,
         &cfg.auth,
-        cfg.http_timeout,
-        cfg.concurrency,
-        cfg.aom_ca_pem.as_deref(),
+        HttpOptions {
+            timeout: cfg.http_timeout,
+            pool: cfg.concurrency,
+            ca_pem: cfg.aom_ca_pem.as_deref(),
+            version: cfg.http_version,
+        },
     )?;
     let policy = RetryPolicy {
         initial: cfg.backoff_initial,

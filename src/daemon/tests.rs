@@ -702,9 +702,7 @@ async fn the_real_client_against_the_sandbox_classifies_and_retries() {
     let client = TerminateClient::new(
         &endpoint,
         &AuthSettings::Token("t".to_owned().into()),
-        Duration::from_secs(5),
-        4,
-        None,
+        HttpOptions::new(Duration::from_secs(5), 4),
     )
     .expect("client");
     let w = world(client, 3, |_, _| {});

@@ -257,6 +257,7 @@ impl Sandbox {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone(),
+            calls_by_version: stats.by_version(),
         }
     }
 
@@ -335,7 +336,7 @@ impl Sandbox {
             .clear();
         stats.calls.store(0, Ordering::Relaxed);
         stats.answer_micros.store(0, Ordering::Relaxed);
-        for counter in &stats.by_status {
+        for counter in stats.by_status.iter().chain(&stats.by_version) {
             counter.store(0, Ordering::Relaxed);
         }
         stats

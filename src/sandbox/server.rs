@@ -120,6 +120,7 @@ async fn terminate(
     let _in_flight = InFlight::enter(stats);
     let (parts, body) = request.into_parts();
     stats.count_host(&addressed_host(&parts));
+    stats.count_version(parts.version);
     // Read the (normally empty) body: AK/SK signatures cover it, and the
     // connection stays reusable.
     let body = axum::body::to_bytes(body, MAX_DRAINED_BODY)

@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
+use axum::http::Version;
 use serde::{Deserialize, Serialize};
 
 /// A snapshot of the sandbox's counters.
@@ -46,7 +47,19 @@ pub struct SandboxStats {
     /// Project look-ups (`GET /v3/projects/{project_id}`) the fake IAM answered.
     #[serde(default)]
     pub iam_project_lookups: u64,
+    /// Terminate calls by the HTTP version they came in (`HTTP/1.1`, `HTTP/2.0`).
+    #[serde(default)]
+    pub calls_by_version: BTreeMap<String, u64>,
 }
+
+/// The HTTP versions [`Stats`] counts calls by, in its `by_version` order.
+pub(super) const VERSIONS: [Version; 5] = [
+    Version::HTTP_09,
+    Version::HTTP_10,
+    Version::HTTP_11,
+    Version::HTTP_2,
+    Version::HTTP_3,
+];
 
 #[derive(Debug, Default, Clone, Copy)]
 pub(super) struct KeyCounts {
@@ -68,6 +81,8 @@ pub(super) struct Stats {
     /// Key: [`execution_key`].
     pub(super) per_key: Mutex<HashMap<Box<[u8]>, KeyCounts>>,
     pub(super) by_host: Mutex<BTreeMap<String, u64>>,
+    /// Index: the version's place in [`VERSIONS`].
+    pub(super) by_version: [AtomicU64; VERSIONS.len()],
 }
 
 impl Stats {
@@ -82,7 +97,27 @@ impl Stats {
             by_status: std::array::from_fn(|_| AtomicU64::new(0)),
             per_key: Mutex::new(HashMap::new()),
             by_host: Mutex::new(BTreeMap::new()),
+            by_version: std::array::from_fn(|_| AtomicU64::new(0)),
         }
+    }
+
+    /// Counts a terminate call that came in `version`.
+    pub(super) fn count_version(&self, version: Version) {
+        if let Some(i) = VERSIONS.iter().position(|v| *v == version) {
+            self.by_version[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The calls counted by version, the versions seen only.
+    pub(super) fn by_version(&self) -> BTreeMap<String, u64> {
+        VERSIONS
+            .iter()
+            .zip(&self.by_version)
+            .filter_map(|(version, counter)| {
+                let n = counter.load(Ordering::Relaxed);
+                (n > 0).then(|| (format!("{version:?}"), n))
+            })
+            .collect()
     }
 
     /// Counts a terminate call addressed to `host`.
@@ -179,6 +214,16 @@ mod tests {
             .filter(|&(_, n)| n > 0)
             .collect();
         assert_eq!(counted, [(100, 1), (200, 2), (599, 1)]);
+    }
+
+    #[test]
+    fn counts_calls_by_http_version() {
+        let stats = Stats::new();
+        for version in [Version::HTTP_11, Version::HTTP_2, Version::HTTP_11] {
+            stats.count_version(version);
+        }
+        let want = BTreeMap::from([("HTTP/1.1".to_owned(), 2), ("HTTP/2.0".to_owned(), 1)]);
+        assert_eq!(stats.by_version(), want);
     }
 
     #[test]

@@ -54,8 +54,8 @@ pub(super) fn server_config(
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(|err| invalid(format!("TLS certificate and key: {err}")))?;
-    // The sandbox speaks HTTP/1.1 only.
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // HTTP/2 or HTTP/1.1, as the client offers (its stats count which).
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 

@@ -15,6 +15,21 @@ pub enum ConcurrencyControl {
     /// Always CONCURRENCY.
     Fixed,
 }
+/// `AOM_HTTP_VERSION`: which HTTP the terminate calls speak.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum HttpVersion {
+    /// HTTP/1.1 only: one connection per call in flight, so that
+    /// CONCURRENCY calls are in flight whatever the server allows per
+    /// connection.
+    #[default]
+    Http1,
+    /// HTTP/2 when an https API offers it (ALPN), else HTTP/1.1. HTTP/2
+    /// uses one connection per host, and the client opens no second one
+    /// when the server's stream limit (`SETTINGS_MAX_CONCURRENT_STREAMS`,
+    /// often 100 to 250) is reached: past it, calls wait for a stream.
+    Auto,
+}
+
 use clap::Args;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
@@ -39,6 +54,12 @@ pub struct RunArgs {
     /// system's roots (a private CA, or a TLS-inspecting proxy).
     #[arg(long, env = "AOM_CA_FILE")]
     pub aom_ca_file: Option<PathBuf>,
+    /// Which HTTP the terminate calls speak: `http1` (one connection per
+    /// call in flight) or `auto` (HTTP/2 when an https API offers it: one
+    /// connection per host, whose stream limit can cap the calls in flight
+    /// below CONCURRENCY).
+    #[arg(long, env = "AOM_HTTP_VERSION", value_enum, default_value_t = HttpVersion::Http1)]
+    pub aom_http_version: HttpVersion,
     #[command(flatten)]
     pub auth: AuthArgs,
     /// Most API calls in flight at once, across all messages.
@@ -93,6 +114,7 @@ pub struct DaemonConfig {
     pub endpoint: AomEndpoint,
     /// Extra CAs (PEM) trusted for the AOM API and IAM.
     pub aom_ca_pem: Option<String>,
+    pub http_version: HttpVersion,
     pub auth: AuthSettings,
     pub concurrency: usize,
     pub concurrency_control: ConcurrencyControl,
@@ -158,6 +180,7 @@ impl RunArgs {
             database: self.database.settings()?,
             endpoint,
             aom_ca_pem,
+            http_version: self.aom_http_version,
             auth,
             concurrency: self.concurrency as usize,
             concurrency_control: self.concurrency_control,
@@ -208,6 +231,7 @@ mod tests {
         assert_eq!(cfg.concurrency, 64);
         assert_eq!(cfg.prefetch, 128, "PREFETCH defaults to 2 × CONCURRENCY");
         assert_eq!(cfg.concurrency_control, ConcurrencyControl::Adaptive);
+        assert_eq!(cfg.http_version, HttpVersion::Http1);
         assert_eq!(cfg.throttle_give_up, Duration::from_secs(3600));
         assert_eq!(cfg.max_attempts, 5);
         assert_eq!(cfg.backoff_initial, Duration::from_millis(200));
@@ -218,6 +242,20 @@ mod tests {
         assert_eq!(cfg.amqp.dead_letter_queue, "aom.terminate.dead");
         assert_eq!((cfg.amqp.host.as_str(), cfg.amqp.port), ("127.0.0.1", 5672));
         assert_eq!(cfg.amqp.vhost, "/");
+    }
+
+    #[test]
+    fn http_version_is_http1_or_auto() {
+        let version = |v: &str| {
+            run_args(&["--aom-http-version", v]).map(|a| a.validate().expect("valid").http_version)
+        };
+        assert_eq!(version("http1").expect("parses"), HttpVersion::Http1);
+        assert_eq!(version("auto").expect("parses"), HttpVersion::Auto);
+        let refused = version("h3").expect_err("refused").to_string();
+        assert!(
+            refused.contains("http1") && refused.contains("auto"),
+            "{refused}"
+        );
     }
 
     #[test]

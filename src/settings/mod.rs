@@ -16,7 +16,7 @@ pub mod endpoint;
 
 pub use auth::{AkSkSettings, AuthArgs, AuthSettings, IamSettings, ProjectScope, StaticToken};
 pub use broker::{AmqpSettings, AmqpTls, BrokerArgs, management_url};
-pub use daemon::{ConcurrencyControl, DaemonConfig, RunArgs};
+pub use daemon::{ConcurrencyControl, DaemonConfig, HttpVersion, RunArgs};
 pub use database::{DatabaseArgs, DatabaseSettings};
 pub use endpoint::AomEndpoint;
 

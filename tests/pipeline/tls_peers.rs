@@ -120,13 +120,26 @@ async fn the_aom_api_over_https_with_a_private_ca() {
     let endpoint = sandbox.base_url();
     assert!(endpoint.starts_with("https://"), "{endpoint}");
     let ca = kit.ca.cert_path.display().to_string();
-    one_request_succeeds(
-        &env,
-        "https",
-        &["--aom-endpoint", &endpoint, "--aom-ca-file", &ca],
-    )
-    .await;
-    assert_eq!(sandbox.sandbox().stats().calls, 1);
+    let settings = ["--aom-endpoint", &endpoint, "--aom-ca-file", &ca];
+    one_request_succeeds(&env, "https", &settings).await;
+    let stats = sandbox.sandbox().stats();
+    assert_eq!(stats.calls, 1);
+    // The sandbox offers HTTP/2, but the calls keep to HTTP/1.1 unless told.
+    let versions = |pairs: &[(&str, u64)]| {
+        pairs
+            .iter()
+            .map(|&(v, n)| (v.to_owned(), n))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    assert_eq!(stats.calls_by_version, versions(&[("HTTP/1.1", 1)]));
+
+    let auto = [&settings[..], &["--aom-http-version", "auto"]].concat();
+    one_request_succeeds(&env, "https-auto", &auto).await;
+    let stats = sandbox.sandbox().stats();
+    assert_eq!(
+        stats.calls_by_version,
+        versions(&[("HTTP/1.1", 1), ("HTTP/2.0", 1)])
+    );
 }
 
 #[tokio::test]
@@ -331,7 +344,10 @@ async fn https_api_calls_go_through_https_proxy_unless_no_proxy_says_otherwise()
     // Through the proxy: the TLS is end to end, the proxy only tunnels.
     assert_eq!(run("via", None).await, "succeeded");
     assert_eq!(proxy.tunnels(), 1);
-    assert_eq!(sandbox.sandbox().stats().calls, 1);
+    let stats = sandbox.sandbox().stats();
+    assert_eq!(stats.calls, 1);
+    // Through a proxy too, HTTP/1.1 unless AOM_HTTP_VERSION says otherwise.
+    assert_eq!(stats.calls_by_version.get("HTTP/1.1"), Some(&1));
     // NO_PROXY names the host: no tunnel; the name resolves nowhere, so the
     // calls fail to connect and the attempts run out.
     assert_eq!(run("direct", Some(HOST)).await, "failed_retries_exhausted");
