@@ -4,6 +4,7 @@
 
 use super::AuditError;
 use super::report::{ErrorCount, Reports};
+use super::rollups::OUTCOME_ROLLUP;
 use crate::settings::{ConfigError, DatabaseSettings};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -177,13 +178,12 @@ impl Reports {
     /// campaign's hours, not its requests, and keeps the counts of rows a
     /// prune removed.
     pub async fn campaign_errors(&self, id: &str) -> Result<Vec<ErrorCount>, AuditError> {
-        super::fold::fold(self.pool()).await?;
-        Ok(sqlx::query_as(
+        Ok(sqlx::query_as(&format!(
             "SELECT r.outcome, r.http_status, r.error_code, sum(r.requests)::bigint AS count \
-             FROM termination_rollup_outcomes r WHERE r.campaign_id = $1 AND r.outcome <> $2 \
+             FROM {OUTCOME_ROLLUP} r WHERE r.campaign_id = $1 AND r.outcome <> $2 \
              GROUP BY 1, 2, 3 HAVING sum(r.requests) <> 0 \
              ORDER BY count DESC, 1, 2, 3 LIMIT 20",
-        )
+        ))
         .bind(id)
         .bind(crate::domain::Outcome::Succeeded.as_str())
         .fetch_all(self.pool())

@@ -1,9 +1,11 @@
 //! The fold of the rollups' deltas (migration `…11_rollup_deltas`). The
 //! triggers that keep the rollups only append each statement's aggregate to
 //! a delta table, so a daemon flush never updates the hot rollup rows;
-//! `termination_rollup_fold()` adds the deltas into the rollups. `report`
-//! and `audit prune` fold before they read, so they count what any writer
-//! added; the daemon folds every few seconds so the deltas stay small.
+//! `termination_rollup_fold()` adds the deltas into the rollups. `audit
+//! prune` folds before it cuts; `report` reads the deltas beside the rollups
+//! (as the `termination_summary` view does), so it counts what any writer
+//! added without writing; the daemon folds every few seconds so the deltas
+//! stay small.
 
 use super::{Audit, AuditError};
 use crate::telemetry::{Repeats, cause_chain};

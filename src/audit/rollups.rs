@@ -1,10 +1,11 @@
 //! The report's summary from the rollups (migration `…10_rollups`): whole
 //! hours come from `termination_rollup_outcomes` and
-//! `termination_rollup_attempts`, which triggers keep for every writer
-//! (through deltas, folded first: `fold`); the
+//! `termination_rollup_attempts`, which triggers keep for every writer,
+//! with the deltas not yet folded into them (`fold`); the
 //! partial hour at the start of a window comes from the raw rows, which are
 //! few and indexed on time. So a report reads a number of rows that grows
-//! with hours and dimensions, not with requests.
+//! with hours and dimensions, not with requests, and writes nothing: a
+//! role with SELECT only, or a hot standby, serves it.
 
 use super::AuditError;
 use super::report::{Count, ErrorCount, Filter, Latency, ProjectCount, Summary, WorkflowCount};
@@ -97,6 +98,12 @@ const DIMS: &str = "($2::text IS NULL OR x.workflow_id = $2) \
      AND ($3::text IS NULL OR x.requested_by = $3) \
      AND ($4::text IS NULL OR x.campaign_id = $4)";
 
+/// The outcomes' rollup and its deltas not yet folded, as one table: a
+/// statement reads both in one snapshot, and a fold moves rows from one to
+/// the other in one transaction, so the sum is exact without a fold.
+pub(super) const OUTCOME_ROLLUP: &str = "(SELECT * FROM termination_rollup_outcomes \
+     UNION ALL SELECT * FROM termination_rollup_outcomes_delta)";
+
 /// Rollup rows from `$1` (all when null); raw rows from `$5` to before `$6`
 /// (none when either is null).
 const HOURS: &str = "($1::timestamptz IS NULL OR x.hour >= $1)";
@@ -120,8 +127,6 @@ struct Group {
 
 /// The summary of `f` over the rollups and the raw edge.
 pub async fn summary(pool: &PgPool, f: &Filter) -> Result<Summary, AuditError> {
-    // The deltas any writer appended since the last fold count too.
-    super::fold::fold(pool).await?;
     let pruned_before: Option<DateTime<Utc>> =
         sqlx::query_scalar("SELECT max(cut) FROM termination_prunes")
             .fetch_one(pool)
@@ -132,7 +137,7 @@ pub async fn summary(pool: &PgPool, f: &Filter) -> Result<Summary, AuditError> {
         "WITH r AS ( \
            SELECT x.project_id, x.workflow_id, x.outcome, x.http_status, x.error_code, \
                   x.requests AS n \
-           FROM termination_rollup_outcomes x WHERE {HOURS} AND {DIMS} \
+           FROM {OUTCOME_ROLLUP} x WHERE {HOURS} AND {DIMS} \
            UNION ALL \
            SELECT x.project_id, x.workflow_id, x.outcome, x.http_status, x.error_code, 1 \
            FROM termination_outcomes x \
@@ -242,9 +247,19 @@ async fn latency(pool: &PgPool, f: &Filter, plan: &Plan) -> Result<Latency, Audi
         .map(|(b, c)| format!("(x.http_status IS NOT NULL AND x.latency_ms <= {b})::int AS {c}"))
         .collect::<Vec<_>>()
         .join(", ");
+    // A delta row holds the calls of one bucket (1 for the first bound, as
+    // the fold's); null for attempts without an HTTP answer.
+    let delta = (1..=LATENCY_BOUNDS_MS.len())
+        .zip(&columns)
+        .map(|(i, c)| format!("CASE WHEN x.bucket <= {i} THEN x.calls ELSE 0 END AS {c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     let sql = format!(
         "SELECT coalesce(sum(calls), 0)::bigint, ARRAY[{sums}]::bigint[] FROM ( \
            SELECT x.calls, {cols} FROM termination_rollup_attempts x WHERE {HOURS} AND {DIMS} \
+           UNION ALL \
+           SELECT x.calls, {delta} FROM termination_rollup_attempts_delta x \
+           WHERE {HOURS} AND {DIMS} \
            UNION ALL \
            SELECT (x.http_status IS NOT NULL)::int, {raw} FROM termination_attempts x \
            WHERE {RAW} AND x.started_at >= $5 AND x.started_at < $6 AND {DIMS} \
