@@ -166,7 +166,8 @@ async fn load(db: &mut PgConnection, attempts: u64, days: u32) -> Result<()> {
         );
     }
     // The triggers left the loaded rows' counts as deltas: into the rollups
-    // now, so the timed reports do not pay for the load's fold.
+    // now, as a daemon's fold task would, so the timed reports do not scan
+    // millions of unindexed delta rows.
     sqlx::query("SELECT termination_rollup_fold()")
         .execute(&mut *db)
         .await?;

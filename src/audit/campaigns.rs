@@ -174,9 +174,10 @@ impl Reports {
 
     /// Campaign `id`'s outcomes other than success, by outcome, status and
     /// error code, most first (at most 20 rows, as `report`'s). From the
-    /// outcomes' rollup (through its campaign index): it reads the
-    /// campaign's hours, not its requests, and keeps the counts of rows a
-    /// prune removed.
+    /// outcomes' rollup (through its campaign index) and its deltas not yet
+    /// folded (unindexed, but a fold every few seconds keeps them small): it
+    /// reads the campaign's hours, not its requests, and keeps the counts of
+    /// rows a prune removed.
     pub async fn campaign_errors(&self, id: &str) -> Result<Vec<ErrorCount>, AuditError> {
         Ok(sqlx::query_as(&format!(
             "SELECT r.outcome, r.http_status, r.error_code, sum(r.requests)::bigint AS count \

@@ -5,7 +5,8 @@
 //! prune` folds before it cuts; `report` reads the deltas beside the rollups
 //! (as the `termination_summary` view does), so it counts what any writer
 //! added without writing; the daemon folds every few seconds so the deltas
-//! stay small.
+//! stay small. (The migration's header comment, which says `report` folds
+//! too, predates this; applied migrations are not edited.)
 
 use super::{Audit, AuditError};
 use crate::telemetry::{Repeats, cause_chain};

@@ -101,8 +101,12 @@ const DIMS: &str = "($2::text IS NULL OR x.workflow_id = $2) \
 /// The outcomes' rollup and its deltas not yet folded, as one table: a
 /// statement reads both in one snapshot, and a fold moves rows from one to
 /// the other in one transaction, so the sum is exact without a fold.
-pub(super) const OUTCOME_ROLLUP: &str = "(SELECT * FROM termination_rollup_outcomes \
-     UNION ALL SELECT * FROM termination_rollup_outcomes_delta)";
+pub(super) const OUTCOME_ROLLUP: &str = "(SELECT hour, project_id, workflow_id, requested_by, \
+       campaign_id, outcome, http_status, error_code, requests \
+     FROM termination_rollup_outcomes \
+     UNION ALL SELECT hour, project_id, workflow_id, requested_by, campaign_id, outcome, \
+       http_status, error_code, requests \
+     FROM termination_rollup_outcomes_delta)";
 
 /// Rollup rows from `$1` (all when null); raw rows from `$5` to before `$6`
 /// (none when either is null).

@@ -358,7 +358,13 @@ fn signature_ok(parts: &Parts, body: &[u8], access_key: &str, secret_key: &str) 
     }
     let mut signed = Vec::new();
     for name in signed_headers.split(';') {
-        match header(headers, name) {
+        // HTTP/2 carries the host in `:authority`, which is the URI's here.
+        let value = header(headers, name).or_else(|| {
+            name.eq_ignore_ascii_case("host")
+                .then(|| parts.uri.authority().map(|a| a.as_str()))
+                .flatten()
+        });
+        match value {
             Some(value) => signed.push((name.to_owned(), value.to_owned())),
             None => return false,
         }

@@ -6,6 +6,10 @@ use super::broker::{AmqpSettings, BrokerArgs};
 use super::database::{DatabaseArgs, DatabaseSettings};
 use super::endpoint::AomEndpoint;
 use super::{ConfigError, MetricsAddr, metrics_addr, millis, read_pem, seconds};
+use clap::Args;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::time::Duration;
 
 /// `CONCURRENCY_CONTROL`: how the calls in flight are limited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -15,6 +19,7 @@ pub enum ConcurrencyControl {
     /// Always CONCURRENCY.
     Fixed,
 }
+
 /// `AOM_HTTP_VERSION`: which HTTP the terminate calls speak.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum HttpVersion {
@@ -29,11 +34,6 @@ pub enum HttpVersion {
     /// often 100 to 250) is reached: past it, calls wait for a stream.
     Auto,
 }
-
-use clap::Args;
-use std::num::NonZeroU32;
-use std::path::PathBuf;
-use std::time::Duration;
 
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {

@@ -590,6 +590,23 @@ async fn a_report_right_after_a_hand_written_insert_counts_it() {
 async fn a_report_on_a_read_only_connection_counts_everything() {
     let env = TestEnv::new().await;
     backfill(&env, "ro-", 500, 1).await;
+    // A campaign with three 404s, for `report --campaign`'s errors.
+    sqlx::query(
+        "INSERT INTO termination_campaigns (id, requested_by, source, request_count) \
+         VALUES ('ro-camp', 'me', 'test', 3)",
+    )
+    .execute(&env.db)
+    .await
+    .expect("campaign");
+    sqlx::query(
+        "INSERT INTO termination_outcomes (request_id, project_id, workflow_id, outcome, \
+           http_status, error_code, attempts, received_at, finished_at, campaign_id) \
+         SELECT 'roc-' || i, 'p', 'wf', 'failed_permanent', 404, 'AOM.0404', 1, now(), now(), \
+           'ro-camp' FROM generate_series(1, 3) i",
+    )
+    .execute(&env.db)
+    .await
+    .expect("campaign outcomes");
     let deltas = "SELECT count(*) FROM termination_rollup_outcomes_delta";
     let unfolded = env.count(deltas).await;
     assert!(unfolded > 0);
@@ -604,25 +621,38 @@ async fn a_report_on_a_read_only_connection_counts_everything() {
         "{}{sep}options=-c%20default_transaction_read_only%3Don",
         env.database_url
     );
-    for args in [&[][..], &["--since", "7d"][..]] {
+    let report_read_only = |args: &[&str]| {
         let mut cmd = binary();
         cmd.args(["report", "--format", "json"])
             .args(args)
             .envs(env.binary_env_without_auth())
             .env("DATABASE_URL", &read_only);
-        let (code, out) = output(cmd.spawn().expect("spawn report")).await;
-        assert_eq!(code, Some(0), "{out}");
-        let r: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-        assert_eq!(count(&r, "succeeded"), 400, "{r}");
-        assert_eq!(count(&r, "failed_permanent"), 100, "{r}");
-        assert_eq!(r["latency_ms"]["calls"].as_i64(), Some(1000), "{r}");
-    }
-    assert_eq!(env.count(deltas).await, unfolded);
-    // Folded, the same report, through the rollups.
+        async move {
+            let (code, out) = output(cmd.spawn().expect("spawn report")).await;
+            assert_eq!(code, Some(0), "{out}");
+            serde_json::from_str::<Value>(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+        }
+    };
+    let all = report_read_only(&[]).await;
+    assert_eq!(count(&all, "succeeded"), 400, "{all}");
+    assert_eq!(count(&all, "failed_permanent"), 103, "{all}");
+    assert_eq!(all["latency_ms"]["calls"].as_i64(), Some(1000), "{all}");
+    let week = report_read_only(&["--since", "7d"]).await;
+    assert_eq!(count(&week, "succeeded"), 400, "{week}");
+    let campaign = report_read_only(&["--campaign", "ro-camp"]).await;
+    assert_eq!(
+        campaign["errors"][0]["error_code"], "AOM.0404",
+        "{campaign}"
+    );
+    assert_eq!(campaign["errors"][0]["count"], 3, "{campaign}");
+    assert_eq!(env.count(deltas).await, unfolded, "nothing was folded");
+    // Folded, the same report to the last latency bucket.
     assert!(fold(&env).await > 0);
-    let r = report_json(&env, &[]).await;
-    assert_eq!(count(&r, "succeeded"), 400, "{r}");
-    assert_eq!(r["latency_ms"]["calls"].as_i64(), Some(1000), "{r}");
+    assert_eq!(totals(&report_json(&env, &[]).await), totals(&all));
+    assert_eq!(
+        totals(&report_json(&env, &["--since", "7d"]).await),
+        totals(&week)
+    );
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@
 //! it or with the wrong one (exit 2, one line, no secret), and for Postgres
 //! `verify-full` against the wrong host name.
 
+use crate::auth::{AK, SK, aksk_sandbox};
 use crate::helpers::*;
 use crate::tls::*;
 use aom_terminator::sandbox::{Sandbox, SandboxArgs};
@@ -140,6 +141,46 @@ async fn the_aom_api_over_https_with_a_private_ca() {
         stats.calls_by_version,
         versions(&[("HTTP/1.1", 1), ("HTTP/2.0", 1)])
     );
+}
+
+#[tokio::test]
+async fn aksk_signed_calls_over_http2_when_asked() {
+    install_crypto_provider();
+    let kit = TlsKit::new();
+    let env = TestEnv::new().await;
+    let sandbox = Sandbox::new(&aksk_sandbox())
+        .bind_tls(
+            "127.0.0.1:0".parse().expect("addr"),
+            kit.server.cert_pem.as_bytes(),
+            kit.server.key_pem.as_bytes(),
+        )
+        .await
+        .expect("sandbox over TLS");
+    let endpoint = sandbox.base_url();
+    let ca = kit.ca.cert_path.display().to_string();
+    let daemon = env.start_daemon_with_auth(
+        &["--cloud-sdk-ak", AK, "--cloud-sdk-sk", SK],
+        &[
+            "--aom-endpoint",
+            &endpoint,
+            "--aom-ca-file",
+            &ca,
+            "--aom-http-version",
+            "auto",
+        ],
+    );
+    env.publish(&request("h2-1", "ex-h2-1"), None).await;
+    env.wait_outcome_of("h2-1").await;
+    daemon.stop().await;
+    // HTTP/2 has no Host header: the signed host is the call's authority.
+    assert_eq!(env.outcome_of("h2-1").await.outcome, "succeeded");
+    let stats = sandbox.sandbox().stats();
+    assert_eq!(
+        stats.calls_by_version.get("HTTP/2.0"),
+        Some(&1),
+        "{stats:?}"
+    );
+    assert_eq!(stats.by_status.get(&200), Some(&1), "{stats:?}");
 }
 
 #[tokio::test]
@@ -319,17 +360,15 @@ async fn https_api_calls_go_through_https_proxy_unless_no_proxy_says_otherwise()
     let proxy = ConnectProxy::start(sandbox.local_addr()).await;
     let endpoint = format!("https://{HOST}:{}", sandbox.local_addr().port());
     let env = &env;
-    let run = |prefix: &'static str, no_proxy: Option<&'static str>| {
+    let run = |prefix: &'static str, vars: &[(&str, &str)]| {
         let mut cmd = binary();
         cmd.arg("run")
             .envs(env.binary_env())
             .env("AOM_ENDPOINT", &endpoint)
             .env("AOM_CA_FILE", kit.ca.cert_path.display().to_string())
             .env("HTTPS_PROXY", format!("http://{}", proxy.addr))
-            .env("SHUTDOWN_GRACE", "1");
-        if let Some(hosts) = no_proxy {
-            cmd.env("NO_PROXY", hosts);
-        }
+            .env("SHUTDOWN_GRACE", "1")
+            .envs(vars.iter().copied());
         async move {
             let child = cmd.spawn().expect("spawn");
             let id = format!("{prefix}-1");
@@ -342,17 +381,31 @@ async fn https_api_calls_go_through_https_proxy_unless_no_proxy_says_otherwise()
         }
     };
     // Through the proxy: the TLS is end to end, the proxy only tunnels.
-    assert_eq!(run("via", None).await, "succeeded");
+    assert_eq!(run("via", &[]).await, "succeeded");
     assert_eq!(proxy.tunnels(), 1);
     let stats = sandbox.sandbox().stats();
     assert_eq!(stats.calls, 1);
     // Through a proxy too, HTTP/1.1 unless AOM_HTTP_VERSION says otherwise.
     assert_eq!(stats.calls_by_version.get("HTTP/1.1"), Some(&1));
+    assert_eq!(
+        run("via-h2", &[("AOM_HTTP_VERSION", "auto")]).await,
+        "succeeded"
+    );
+    assert_eq!(proxy.tunnels(), 2);
+    let stats = sandbox.sandbox().stats();
+    assert_eq!(
+        stats.calls_by_version.get("HTTP/2.0"),
+        Some(&1),
+        "{stats:?}"
+    );
     // NO_PROXY names the host: no tunnel; the name resolves nowhere, so the
     // calls fail to connect and the attempts run out.
-    assert_eq!(run("direct", Some(HOST)).await, "failed_retries_exhausted");
-    assert_eq!(proxy.tunnels(), 1, "NO_PROXY kept the calls off the proxy");
-    assert_eq!(sandbox.sandbox().stats().calls, 1);
+    assert_eq!(
+        run("direct", &[("NO_PROXY", HOST)]).await,
+        "failed_retries_exhausted"
+    );
+    assert_eq!(proxy.tunnels(), 2, "NO_PROXY kept the calls off the proxy");
+    assert_eq!(sandbox.sandbox().stats().calls, 2);
 }
 
 #[tokio::test]
