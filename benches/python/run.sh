@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Issue 18, item 6: the daemon's CPU per termination beside a competent batched
+# Python worker's (worker.py), on the same machine, in one run: N singles on a
+# quorum queue, the project's sandbox at 0 ms, concurrency C. The Python side
+# needs aio-pika, aiohttp and asyncpg:
+#
+#   python3 -m venv /tmp/pyv && /tmp/pyv/bin/pip install aio-pika aiohttp asyncpg
+#   PYTHON=/tmp/pyv/bin/python benches/python/run.sh [N] [C]
+#
+# Then the daemon's own benchmark with the same N and C (`cargo bench --bench e2e`).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+N=${1:-20000}
+C=${2:-64}
+PYTHON=${PYTHON:-python3}
+export AMQP_URL="${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
+base_url="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+name="aomt_bench_py_$$"
+export QUEUE="$name.requests"
+export DATABASE_URL="${base_url%/*}/$name"
+BIN=target/release/aom-terminator
+[ -x "$BIN" ] || cargo build --release --quiet
+
+psql "$base_url" -qc "CREATE DATABASE $name"
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+TOKIO_WORKER_THREADS=1 "$BIN" sandbox --listen "127.0.0.1:$port" --latency 0 >/dev/null 2>&1 &
+sandbox=$!
+cleanup() {
+  kill "$sandbox" 2>/dev/null || true
+  rabbitmqctl -q delete_queue "$QUEUE" >/dev/null 2>&1 || true
+  psql "$base_url" -qc "DROP DATABASE IF EXISTS $name WITH (FORCE)" || true
+}
+trap cleanup EXIT
+
+"$PYTHON" benches/python/worker.py fill --requests "$N"
+echo "python worker, $N singles, 0 ms, C=$C:"
+"$PYTHON" benches/python/worker.py work --requests "$N" --concurrency "$C" --api "http://127.0.0.1:$port"
+
+echo "the daemon, same N and C (its own benchmark):"
+cargo bench --quiet --bench e2e -- --requests "$N" --concurrency "$C" --no-ceiling |
+  grep -E 'terminations/s end to end|daemon CPU:'
