@@ -8,6 +8,7 @@
 #   PYTHON=/tmp/pyv/bin/python benches/python/run.sh [N] [C]
 #
 # Then the daemon's own benchmark with the same N and C (`cargo bench --bench e2e`).
+# Either side prints no figure for a run that is not correct.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 N=${1:-20000}
@@ -16,26 +17,41 @@ PYTHON=${PYTHON:-python3}
 export AMQP_URL="${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
 base_url="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 name="aomt_bench_py_$$"
-export QUEUE="$name.requests"
-export DATABASE_URL="${base_url%/*}/$name"
+# The scratch database's URL: the same server, settings and query string.
+scratch_url=$("$PYTHON" -c '
+import sys, urllib.parse as u
+p = u.urlsplit(sys.argv[1])
+print(u.urlunsplit(p._replace(path="/" + sys.argv[2])))' "$base_url" "$name")
+cargo bench --quiet --bench e2e --no-run  # the daemon and sandbox as the e2e bench builds them
 BIN=target/release/aom-terminator
-[ -x "$BIN" ] || cargo build --release --quiet
 
-psql "$base_url" -qc "CREATE DATABASE $name"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-TOKIO_WORKER_THREADS=1 "$BIN" sandbox --listen "127.0.0.1:$port" --latency 0 >/dev/null 2>&1 &
-sandbox=$!
+sandbox=
 cleanup() {
-  kill "$sandbox" 2>/dev/null || true
-  rabbitmqctl -q delete_queue "$QUEUE" >/dev/null 2>&1 || true
+  [ -n "$sandbox" ] && kill "$sandbox" 2>/dev/null || true
+  rabbitmqctl -q delete_queue "$name.requests" >/dev/null 2>&1 || true
   psql "$base_url" -qc "DROP DATABASE IF EXISTS $name WITH (FORCE)" || true
 }
 trap cleanup EXIT
+psql "$base_url" -qc "CREATE DATABASE $name"
 
-"$PYTHON" benches/python/worker.py fill --requests "$N"
+# The sandbox as the e2e benchmark starts it: one runtime thread, none of the
+# shell's SANDBOX_* settings (a token or failure ratios would change the run).
+port=$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+env $(env | grep -o '^SANDBOX_[A-Z_]*' | sed 's/^/-u /') TOKIO_WORKER_THREADS=1 \
+  "$BIN" sandbox --listen "127.0.0.1:$port" --latency 0 >/dev/null 2>&1 &
+sandbox=$!
+for _ in $(seq 1 50); do
+  curl -fs "http://127.0.0.1:$port/_sandbox/stats" >/dev/null && break
+  sleep 0.1
+done
+curl -fs "http://127.0.0.1:$port/_sandbox/stats" >/dev/null
+
+export QUEUE="$name.requests"
+DATABASE_URL="$scratch_url" "$PYTHON" benches/python/worker.py fill --requests "$N"
 echo "python worker, $N singles, 0 ms, C=$C:"
-"$PYTHON" benches/python/worker.py work --requests "$N" --concurrency "$C" --api "http://127.0.0.1:$port"
+DATABASE_URL="$scratch_url" "$PYTHON" benches/python/worker.py work --requests "$N" \
+  --concurrency "$C" --api "http://127.0.0.1:$port"
 
 echo "the daemon, same N and C (its own benchmark):"
-cargo bench --quiet --bench e2e -- --requests "$N" --concurrency "$C" --no-ceiling |
-  grep -E 'terminations/s end to end|daemon CPU:'
+DATABASE_URL="$base_url" cargo bench --quiet --bench e2e -- --requests "$N" --concurrency "$C" \
+  --no-ceiling | grep -E '^correct|not correct|error|terminations/s end to end|daemon CPU:'

@@ -5,8 +5,10 @@ aio-pika consumes singles from a quorum queue (prefetch 2 x concurrency, as the 
 default), aiohttp calls the terminate route with at most `concurrency` calls in flight
 (retrying 500s with backoff), and asyncpg commits one audit row per request in batched
 statements (whatever queued during the previous commit, one INSERT ... SELECT FROM unnest);
-each message is acked once its row is committed. It stops when it has recorded `--requests`
-rows and prints its own CPU time (start-up and imports included) as JSON.
+once a request's row is committed its message is acked, runs of consecutive delivery tags
+with one `multiple` ack, as the daemon does. It stops when it has recorded `--requests`
+rows, prints its own CPU time (start-up and imports included) as JSON, deletes its queue,
+and exits 1 unless every request succeeded (a run that is not correct has no rate).
 
     python worker.py fill --requests 20000        # publish the singles (not measured)
     python worker.py work --requests 20000 --concurrency 64 --api http://127.0.0.1:PORT
@@ -66,7 +68,6 @@ async def work(amqp_url, database_url, queue, api, n, concurrency, token):
     slots = asyncio.Semaphore(concurrency)
     queued = []  # (row, message) waiting for the next commit
     wake = asyncio.Event()
-    done = asyncio.Event()
     recorded = 0
 
     async def call(req):
@@ -75,36 +76,48 @@ async def work(amqp_url, database_url, queue, api, n, concurrency, token):
             f"/executions/{req['execution_id']}/terminate"
         )
         delay = 0.2
+        status, latency = None, None
         for attempt in range(1, 6):
             started = time.perf_counter()
             try:
                 async with session.post(url, json={}) as resp:
                     await resp.read()
                     status = resp.status
-            except aiohttp.ClientError:
+            except (aiohttp.ClientError, asyncio.TimeoutError):
                 status = None
             latency = (time.perf_counter() - started) * 1000
             if status is not None and status < 500:
                 outcome = "succeeded" if status < 300 else "failed_permanent"
                 return outcome, status, attempt, latency
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10)
+            if attempt < 5:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10)
         return "failed_retries_exhausted", status, 5, latency
 
     async def handle(message):
         received = time.time()
         try:
             req = json.loads(message.body)
-            async with slots:
-                outcome, status, attempts, latency = await call(req)
-            row = (req["request_id"], outcome, status, attempts, latency, received)
+            request_id = str(req["request_id"])
         except (ValueError, KeyError, TypeError):
-            row = ("?", "rejected", None, 0, None, received)
+            row = (f"bad-{message.delivery_tag}", "rejected", None, 0, None, received)
+        else:
+            try:
+                async with slots:
+                    outcome, status, attempts, latency = await call(req)
+            except Exception:  # recorded as failed, never lost
+                outcome, status, attempts, latency = "failed_retries_exhausted", None, 0, None
+            row = (request_id, outcome, status, attempts, latency, received)
         queued.append((row, message))
         wake.set()
 
     async def writer():
+        # Delivery tags run 1, 2, 3, ... on the channel: `frontier` is the
+        # first one not yet acked; a commit acks the run of consecutive
+        # committed tags from it with one `multiple` ack.
         nonlocal recorded
+        frontier = 1
+        committed = {}
         while recorded < n:
             await wake.wait()
             wake.clear()
@@ -121,27 +134,25 @@ async def work(amqp_url, database_url, queue, api, n, concurrency, token):
                 *[list(c) for c in cols],
             )
             for _, message in batch:
-                await message.ack()
+                committed[message.delivery_tag] = message
+            last = None
+            while frontier in committed:
+                last = committed.pop(frontier)
+                frontier += 1
+            if last is not None:
+                await last.ack(multiple=True)
             recorded += len(batch)
-        done.set()
 
     conn = await aio_pika.connect(amqp_url)
     ch = await conn.channel()
     await ch.set_qos(prefetch_count=2 * concurrency)
     q = await ch.declare_queue(queue, durable=True, arguments=QUEUE_ARGS)
-    tasks = set()
-
-    async def on_message(message):
-        t = asyncio.ensure_future(handle(message))
-        tasks.add(t)
-        t.add_done_callback(tasks.discard)
-
     writing = asyncio.ensure_future(writer())
-    first = time.time()
-    await q.consume(on_message)
-    await done.wait()
-    wall = time.time() - first
+    # aio-pika runs each delivery's callback as a task of its own.
+    await q.consume(handle)
+    # The writer's end, or its error: a run never hangs on a failed commit.
     await writing
+    await q.delete(if_unused=False, if_empty=False)
     await session.close()
     await conn.close()
     window = await db.fetchval(
@@ -149,7 +160,7 @@ async def work(amqp_url, database_url, queue, api, n, concurrency, token):
     )
     succeeded = await db.fetchval("SELECT count(*) FROM py_audit WHERE outcome = 'succeeded'")
     await db.close()
-    return wall, float(window or 0), succeeded
+    return float(window or 0), succeeded
 
 
 def main():
@@ -164,7 +175,7 @@ def main():
     if a.mode == "fill":
         asyncio.run(fill(amqp_url, queue, a.requests))
         return
-    wall, window, succeeded = asyncio.run(
+    window, succeeded = asyncio.run(
         work(
             amqp_url,
             os.environ["DATABASE_URL"],
@@ -190,6 +201,8 @@ def main():
             }
         )
     )
+    if succeeded != a.requests:
+        raise SystemExit(f"not correct: {succeeded} of {a.requests} requests succeeded")
 
 
 if __name__ == "__main__":

@@ -621,6 +621,11 @@ async fn a_report_on_a_read_only_connection_counts_everything() {
         "{}{sep}options=-c%20default_transaction_read_only%3Don",
         env.database_url
     );
+    let on: String = sqlx::query_scalar("SHOW default_transaction_read_only")
+        .fetch_one(&sqlx::PgPool::connect(&read_only).await.expect("connect"))
+        .await
+        .expect("show");
+    assert_eq!(on, "on", "the report's connection is read-only");
     let report_read_only = |args: &[&str]| {
         let mut cmd = binary();
         cmd.args(["report", "--format", "json"])
