@@ -8,7 +8,7 @@
 use crate::auth::{AK, SK, aksk_sandbox};
 use crate::helpers::*;
 use crate::tls::*;
-use aom_terminator::sandbox::{Sandbox, SandboxArgs};
+use aom_terminator::sandbox::{RunningSandbox, Sandbox, SandboxArgs};
 use std::time::Duration;
 
 /// The password the broker URLs below carry: it must never be printed.
@@ -102,22 +102,31 @@ async fn amqps_with_a_private_ca_and_mutual_tls() {
     let _ = std::fs::remove_file(&file);
 }
 
+/// The sandbox with `args`, serving https with the kit's server certificate.
+async fn https_sandbox(kit: &TlsKit, args: &SandboxArgs) -> RunningSandbox {
+    Sandbox::new(args)
+        .bind_tls(
+            "127.0.0.1:0".parse().expect("addr"),
+            kit.server.cert_pem.as_bytes(),
+            kit.server.key_pem.as_bytes(),
+        )
+        .await
+        .expect("sandbox over TLS")
+}
+
 #[tokio::test]
 async fn the_aom_api_over_https_with_a_private_ca() {
     install_crypto_provider();
     let kit = TlsKit::new();
     let env = TestEnv::new().await;
-    let sandbox = Sandbox::new(&SandboxArgs {
-        expected_token: Some(TOKEN.to_owned()),
-        ..SandboxArgs::default()
-    })
-    .bind_tls(
-        "127.0.0.1:0".parse().expect("addr"),
-        kit.server.cert_pem.as_bytes(),
-        kit.server.key_pem.as_bytes(),
+    let sandbox = https_sandbox(
+        &kit,
+        &SandboxArgs {
+            expected_token: Some(TOKEN.to_owned()),
+            ..SandboxArgs::default()
+        },
     )
-    .await
-    .expect("sandbox over TLS");
+    .await;
     let endpoint = sandbox.base_url();
     assert!(endpoint.starts_with("https://"), "{endpoint}");
     let ca = kit.ca.cert_path.display().to_string();
@@ -148,14 +157,7 @@ async fn aksk_signed_calls_over_http2_when_asked() {
     install_crypto_provider();
     let kit = TlsKit::new();
     let env = TestEnv::new().await;
-    let sandbox = Sandbox::new(&aksk_sandbox())
-        .bind_tls(
-            "127.0.0.1:0".parse().expect("addr"),
-            kit.server.cert_pem.as_bytes(),
-            kit.server.key_pem.as_bytes(),
-        )
-        .await
-        .expect("sandbox over TLS");
+    let sandbox = https_sandbox(&kit, &aksk_sandbox()).await;
     let endpoint = sandbox.base_url();
     let ca = kit.ca.cert_path.display().to_string();
     let daemon = env.start_daemon_with_auth(
