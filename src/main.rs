@@ -7,7 +7,7 @@
 
 use aom_terminator::audit::Audit;
 use aom_terminator::cli::{Cli, Command, env_names, one_line};
-use aom_terminator::settings::ConfigError;
+use aom_terminator::settings::{ConfigError, open_files};
 use aom_terminator::tools::output::{Stdout, stdout_closed};
 use aom_terminator::tools::{dead_letters, enqueue, prune, report};
 use aom_terminator::{daemon, demo, sandbox, telemetry};
@@ -29,6 +29,9 @@ fn main() -> ExitCode {
 
     unset_empty_settings();
     keep_loopback_off_proxies();
+    // A call in flight holds a connection: the daemon at CONCURRENCY=1024,
+    // and the sandbox serving it, need more than a default soft limit.
+    let open_files = open_files::raise_to_hard_limit();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
@@ -68,7 +71,10 @@ fn main() -> ExitCode {
     let mut out = Stdout::new();
     runtime.block_on(async move {
         let result = match cli.command {
-            Command::Run(args) => match args.validate() {
+            Command::Run(args) => match args.validate().and_then(|cfg| {
+                open_files::check(open_files, cfg.concurrency)?;
+                Ok(cfg)
+            }) {
                 // On a worker thread, not this one: the consume loop then
                 // spawns each message's task onto its own thread's queue,
                 // instead of waking a worker from outside the runtime.

@@ -34,6 +34,7 @@ const CRATES: &[(&str, &[&str])] = &[
     ("hyper_util", &["aom/direct.rs"]),
     ("hyper_rustls", &["aom/direct.rs"]),
     ("prometheus_client", &["metrics.rs"]),
+    ("rustix", &["settings/open_files.rs"]),
 ];
 
 fn sources(dir: &Path, out: &mut Vec<PathBuf>) {

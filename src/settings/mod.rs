@@ -13,6 +13,7 @@ pub mod broker;
 pub mod daemon;
 pub mod database;
 pub mod endpoint;
+pub mod open_files;
 
 pub use auth::{AkSkSettings, AuthArgs, AuthSettings, IamSettings, ProjectScope, StaticToken};
 pub use broker::{AmqpSettings, AmqpTls, BrokerArgs, management_url};

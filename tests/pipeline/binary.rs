@@ -163,3 +163,34 @@ async fn metrics_and_health_are_served_during_a_run() {
     let err = result.expect_err("the port is taken");
     assert!(err.to_string().contains("METRICS_ADDR"), "{err}");
 }
+
+#[tokio::test]
+async fn run_refuses_a_concurrency_its_open_files_cannot_hold() {
+    // A hard limit of 256 open files (the binary raises its soft limit of
+    // 64 to it, so the message names 256): 512 calls would fail to connect.
+    let under_limit = |concurrency: &str| {
+        let mut cmd = tokio::process::Command::new("/bin/sh");
+        cmd.args([
+            "-c",
+            "ulimit -Sn 64 && ulimit -Hn 256 && exec \"$0\" run",
+            env!("CARGO_BIN_EXE_aom-terminator"),
+        ])
+        .env_clear()
+        .env("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")
+        .env("AOM_ENDPOINT", "http://127.0.0.1:9")
+        .env("AOM_AUTH_TOKEN", "t")
+        .env("CONCURRENCY", concurrency)
+        .env("METRICS_ADDR", "off")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+        cmd.spawn().expect("spawn")
+    };
+    let (code, out) = output(under_limit("512")).await;
+    assert_eq!(code, Some(2), "{out}");
+    assert_eq!(out.trim().lines().count(), 1, "{out}");
+    assert!(
+        out.contains("CONCURRENCY=512") && out.contains("open only 256"),
+        "{out}"
+    );
+}
