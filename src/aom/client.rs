@@ -108,6 +108,7 @@ pub struct HttpOptions<'a> {
     pub version: HttpVersion,
 }
 
+#[cfg(test)]
 impl HttpOptions<'_> {
     /// The system's roots only, HTTP/1.1.
     pub fn new(timeout: Duration, pool: usize) -> Self {

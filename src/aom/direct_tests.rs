@@ -133,8 +133,9 @@ async fn a_server_that_is_not_tls_fails_as_tls_on_https() {
 #[test]
 fn a_connection_that_timed_out_is_a_timeout_however_deep_the_cause() {
     // hyper-util's connect timeout is an I/O `TimedOut` under its own
-    // errors; reqwest counts it as a timeout, and so must the direct path
-    // (the adaptive limit takes timeouts as overload).
+    // errors, and an I/O error may wrap another: `timed_out` looks inside
+    // I/O errors too. reqwest counts it as a timeout, and so must the
+    // direct path (the adaptive limit takes timeouts as overload).
     let inner = std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout");
     let wrapped = std::io::Error::other(inner);
     assert!(super::direct::timed_out(&wrapped));

@@ -35,7 +35,7 @@ struct Learnt {
     turn: tokio::sync::Mutex<()>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 enum Known {
     Region(Region),
     Unknown(Instant, String),
@@ -118,9 +118,8 @@ impl Router {
             let mut map = self.learnt.lock().unwrap_or_else(|p| p.into_inner());
             Arc::clone(map.entry(project.clone()).or_default())
         };
-        if let Some(known) = learnt.known() {
-            return known;
-        }
+        // The caller found nothing learnt a moment ago; whoever had the turn
+        // meanwhile may have learnt it.
         let _turn = learnt.turn.lock().await;
         if let Some(known) = learnt.known() {
             return known;

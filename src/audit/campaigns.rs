@@ -4,7 +4,7 @@
 
 use super::AuditError;
 use super::report::{ErrorCount, Reports};
-use super::rollups::OUTCOME_ROLLUP;
+use super::rollups::{OUTCOME_ROLLUP, TOP};
 use crate::settings::{ConfigError, DatabaseSettings};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -183,7 +183,7 @@ impl Reports {
             "SELECT r.outcome, r.http_status, r.error_code, sum(r.requests)::bigint AS count \
              FROM {OUTCOME_ROLLUP} r WHERE r.campaign_id = $1 AND r.outcome <> $2 \
              GROUP BY 1, 2, 3 HAVING sum(r.requests) <> 0 \
-             ORDER BY count DESC, 1, 2, 3 LIMIT 20",
+             ORDER BY count DESC, 1, 2, 3 LIMIT {TOP}",
         ))
         .bind(id)
         .bind(crate::domain::Outcome::Succeeded.as_str())

@@ -24,7 +24,7 @@ pub const LATENCY_BOUNDS_MS: [f64; 28] = [
 ];
 
 /// How many most frequent errors and workflows a summary lists.
-const TOP: usize = 20;
+pub(super) const TOP: usize = 20;
 /// How many projects it lists.
 const TOP_PROJECTS: usize = 50;
 

@@ -206,7 +206,7 @@ impl<S: Store, L: Letters, A: Api> Pipeline<S, L, A> {
             .map(|r| self.in_flight.claim(&r.request_id))
             .collect();
         // Only a redelivery can have attempts on record from before.
-        let before = if cx.message.redelivered {
+        let recorded = if cx.message.redelivered {
             let leading: Vec<String> = requests
                 .iter()
                 .zip(&claims)
@@ -214,14 +214,14 @@ impl<S: Store, L: Letters, A: Api> Pipeline<S, L, A> {
                 .map(|(r, _)| r.request_id.clone())
                 .collect();
             match self.store.attempts_recorded(&leading).await {
-                Some(before) => before,
+                Some(recorded) => recorded,
                 None => return false,
             }
         } else {
             HashMap::new()
         };
         let before =
-            |req: &TerminationRequest| before.get(&req.request_id).copied().unwrap_or_default();
+            |req: &TerminationRequest| recorded.get(&req.request_id).copied().unwrap_or_default();
         if let [req] = requests.as_slice()
             && let Some(claim) = claims.pop()
         {
@@ -319,8 +319,11 @@ impl<S: Store, L: Letters, A: Api> Pipeline<S, L, A> {
         let outcome = match dispatched.end {
             End::Final(outcome) => outcome,
             End::Unfinished => {
+                // Recorded before the claim is let go, so that a redelivery
+                // finds these attempts (and when throttling began).
+                let settled = unfinished(dispatched.attempts).await;
                 leader.finish(false);
-                return unfinished(dispatched.attempts).await;
+                return settled;
             }
             End::Parked => {
                 // Its project is held: parked (confirmed) before its message
@@ -332,8 +335,9 @@ impl<S: Store, L: Letters, A: Api> Pipeline<S, L, A> {
                     "the AOM API refuses the credentials for this project",
                 );
                 if !Box::pin(self.letters.park(&letter, cx.held)).await {
+                    let settled = unfinished(dispatched.attempts).await;
                     leader.finish(false);
-                    return unfinished(dispatched.attempts).await;
+                    return settled;
                 }
                 self.metrics.parked();
                 unfinished(dispatched.attempts).await;
@@ -367,8 +371,9 @@ impl<S: Store, L: Letters, A: Api> Pipeline<S, L, A> {
                 &self.source_queue,
             );
             if !Box::pin(self.letters.publish(&letter, cx.held)).await {
+                let settled = unfinished(dispatched.attempts).await;
                 leader.finish(false);
-                return unfinished(dispatched.attempts).await;
+                return settled;
             }
         }
         let record = final_record(cx, req, outcome, attempts_before, dispatched.attempts);

@@ -147,8 +147,6 @@ impl Identity {
         })
     }
 
-    /// `GET /v3/projects/{project_id}`, as IAM answers it: the project and its region
-    /// (its name), for a caller with a valid token.
     /// The fake IAM's account, or the answer IAM gives when it is not
     /// configured or is down.
     fn iam_account(&self) -> Result<&IamAccount, (StatusCode, &'static str)> {
@@ -167,6 +165,8 @@ impl Identity {
         Ok(account)
     }
 
+    /// `GET /v3/projects/{project_id}`, as IAM answers it: the project and its region
+    /// (its name), for a caller with a valid token.
     pub fn show_project(&self, headers: &HeaderMap, project_id: &str) -> Response {
         self.iam_project_lookups.fetch_add(1, Ordering::Relaxed);
         let account = match self.iam_account() {
@@ -358,12 +358,12 @@ fn signature_ok(parts: &Parts, body: &[u8], access_key: &str, secret_key: &str) 
     }
     let mut signed = Vec::new();
     for name in signed_headers.split(';') {
-        // HTTP/2 carries the host in `:authority`, which is the URI's here.
-        let value = header(headers, name).or_else(|| {
-            name.eq_ignore_ascii_case("host")
-                .then(|| parts.uri.authority().map(|a| a.as_str()))
-                .flatten()
-        });
+        // HTTP/2 carries the host in `:authority`, not in a header.
+        let value = if name.eq_ignore_ascii_case("host") {
+            super::server::addressed_host(parts)
+        } else {
+            header(headers, name)
+        };
         match value {
             Some(value) => signed.push((name.to_owned(), value.to_owned())),
             None => return false,

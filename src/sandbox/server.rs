@@ -119,7 +119,7 @@ async fn terminate(
     stats.calls.fetch_add(1, Ordering::Relaxed);
     let _in_flight = InFlight::enter(stats);
     let (parts, body) = request.into_parts();
-    stats.count_host(&addressed_host(&parts));
+    stats.count_host(addressed_host(&parts).unwrap_or_default());
     stats.count_version(parts.version);
     // Read the (normally empty) body: AK/SK signatures cover it, and the
     // connection stays reusable.
@@ -173,17 +173,15 @@ async fn terminate(
     response
 }
 
-/// The host a call was addressed to: its `Host` header, else the authority of an
-/// absolute-form target (a client that sends through the sandbox as its HTTP proxy
-/// writes both), else empty.
-fn addressed_host(parts: &axum::http::request::Parts) -> String {
+/// The host a call was addressed to: its `Host` header, else the authority of its
+/// target (HTTP/2's `:authority`, or an absolute-form target: a client that sends
+/// through the sandbox as its HTTP proxy writes both).
+pub(super) fn addressed_host(parts: &axum::http::request::Parts) -> Option<&str> {
     parts
         .headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| parts.uri.authority().map(|a| a.as_str().to_owned()))
-        .unwrap_or_default()
+        .or_else(|| parts.uri.authority().map(|a| a.as_str()))
 }
 
 async fn decide(

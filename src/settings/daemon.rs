@@ -21,12 +21,11 @@ pub enum ConcurrencyControl {
 }
 
 /// `AOM_HTTP_VERSION`: which HTTP the terminate calls speak.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum HttpVersion {
     /// HTTP/1.1 only: one connection per call in flight, so that
     /// CONCURRENCY calls are in flight whatever the server allows per
     /// connection.
-    #[default]
     Http1,
     /// HTTP/2 when an https API offers it (ALPN), else HTTP/1.1. HTTP/2
     /// uses one connection per host, and the client opens no second one

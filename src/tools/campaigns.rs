@@ -3,7 +3,7 @@
 //! `termination_campaign_progress` view, errors from the campaign's outcomes.
 
 use super::output::csv_error;
-use super::report::{ReportArgs, ReportFormat, errors_table, table};
+use super::report::{ReportArgs, ReportFormat, error_csv_row, errors_table, table};
 use crate::audit::campaigns::Progress;
 use crate::audit::report::{Count, ErrorCount, Reports};
 use crate::domain::Outcome;
@@ -321,15 +321,7 @@ fn to_csv(r: &CampaignReport) -> anyhow::Result<String> {
             c.count.to_string(),
         ]);
     }
-    for e in &r.errors {
-        let status = e.http_status.map(|s| s.to_string()).unwrap_or_default();
-        rows.push([
-            "error".into(),
-            e.error_code.clone().unwrap_or_default(),
-            format!("{} {status}", e.outcome),
-            e.count.to_string(),
-        ]);
-    }
+    rows.extend(r.errors.iter().map(error_csv_row));
     let at = |t: Option<DateTime<Utc>>| t.map(|t| t.to_rfc3339()).unwrap_or_default();
     rows.push([
         "rate".into(),

@@ -196,13 +196,8 @@ fn to_csv(r: &Report) -> String {
         row(["outcome", &c.outcome, "", &c.count.to_string()]);
     }
     for e in &r.summary.errors {
-        let status = e.http_status.map(|s| s.to_string()).unwrap_or_default();
-        row([
-            "error",
-            e.error_code.as_deref().unwrap_or(""),
-            &format!("{} {status}", e.outcome),
-            &e.count.to_string(),
-        ]);
+        let [section, key, detail, count] = error_csv_row(e);
+        row([&section, &key, &detail, &count]);
     }
     for p in &r.summary.projects {
         row([
@@ -255,6 +250,18 @@ pub(super) fn table(header: &[&str], rows: &[Vec<String>]) -> String {
         out.push_str(&line(r.clone()));
     }
     out
+}
+
+/// One failed-requests row of the CSV of `report` and `report --campaign`:
+/// section, key, detail, count.
+pub(super) fn error_csv_row(e: &ErrorCount) -> [String; 4] {
+    let status = e.http_status.map(|s| s.to_string()).unwrap_or_default();
+    [
+        "error".into(),
+        e.error_code.clone().unwrap_or_default(),
+        format!("{} {status}", e.outcome),
+        e.count.to_string(),
+    ]
 }
 
 /// The failed requests by outcome, status and error code, as `report` and

@@ -132,14 +132,14 @@ impl IamTokens {
 
     fn slot(&self, project: &str) -> Arc<Slot> {
         let mut projects = self.projects.lock().unwrap_or_else(|p| p.into_inner());
+        // Looked up by `&str` first: the key is allocated only for a new
+        // project, not on every call.
         if let Some(slot) = projects.get(project) {
             return Arc::clone(slot);
         }
-        Arc::clone(
-            projects
-                .entry(project.to_owned())
-                .or_insert_with(|| Slot::new(ProjectScope::Id(project.to_owned()))),
-        )
+        let slot = Slot::new(ProjectScope::Id(project.to_owned()));
+        projects.insert(project.to_owned(), Arc::clone(&slot));
+        slot
     }
 
     /// The cached token for `project`, if it is usable now (renewed in the
@@ -202,17 +202,12 @@ impl IamTokens {
     /// project tells. Without a home project it is taken as the former: were
     /// the credentials wrong, every project is refused and all are held.
     async fn judge_refusal(self: &Arc<Self>, slot: &Arc<Slot>, why: String) -> AuthError {
-        let project = slot.label().to_owned();
         let refused_home = self.home.as_ref().is_some_and(|h| Arc::ptr_eq(h, slot));
-        let home = if refused_home {
-            Err(AuthError::NotCovered {
-                project: project.clone(),
-                why: why.clone(),
-            })
-        } else {
-            self.check_credentials().await
-        };
-        match home {
+        if refused_home {
+            return credentials_refused(&why);
+        }
+        let project = slot.label().to_owned();
+        match self.check_credentials().await {
             Ok(()) => {
                 let first = !std::mem::replace(&mut slot.lock().uncovered, true);
                 if first {
@@ -226,9 +221,7 @@ impl IamTokens {
                 }
                 AuthError::NotCovered { project, why }
             }
-            Err(AuthError::NotCovered { why, .. }) => {
-                AuthError::Iam(format!("IAM refused the credentials: {why}"))
-            }
+            Err(AuthError::NotCovered { why, .. }) => credentials_refused(&why),
             // IAM down or answering 5xx: not a verdict on the credentials.
             Err(other) => other,
         }
@@ -441,4 +434,9 @@ fn iam_error_message(body: &str) -> String {
         .or_else(|| v["error_msg"].as_str())
         .unwrap_or(body);
     truncate(msg.trim(), 300).to_owned()
+}
+
+/// IAM refused the home project: the credentials are wrong.
+fn credentials_refused(why: &str) -> AuthError {
+    AuthError::Iam(format!("IAM refused the credentials: {why}"))
 }

@@ -4,6 +4,18 @@
 
 use super::*;
 
+/// A daemon whose API answers 429 to every call of `ex-1`: 5 attempts,
+/// `THROTTLE_GIVE_UP` 30 s, the adaptive limit; `tune` sets up its store.
+fn always_throttled(tune: impl FnOnce(&mut FakeStore)) -> World<FakeApi> {
+    world_with(
+        FakeApi::scripted(&[("ex-1", &[429; 10_000])]),
+        5,
+        Duration::from_secs(30),
+        ConcurrencyControl::Adaptive,
+        |store, _| tune(store),
+    )
+}
+
 #[tokio::test(start_paused = true)]
 async fn throttled_answers_do_not_count_toward_max_attempts() {
     // MAX_ATTEMPTS=2: one 500 may be retried; the 429s and the busy 503s
@@ -34,13 +46,7 @@ async fn throttled_answers_do_not_count_toward_max_attempts() {
 
 #[tokio::test(start_paused = true)]
 async fn a_request_throttled_for_throttle_give_up_ends_failed_retries_exhausted() {
-    let w = world_with(
-        FakeApi::scripted(&[("ex-1", &[429; 10_000])]),
-        5,
-        Duration::from_secs(30),
-        ConcurrencyControl::Adaptive,
-        |_, _| {},
-    );
+    let w = always_throttled(|_| {});
     let started = Instant::now();
     assert_eq!(
         run_one(&w, message(&[("r1", "ex-1")])).await,
@@ -64,22 +70,16 @@ async fn a_request_throttled_for_throttle_give_up_ends_failed_retries_exhausted(
 async fn a_redelivered_request_gives_up_counting_from_its_first_throttled_answer() {
     // Throttled for 25 s of its 30 s before the broker took its message
     // back (the audit says so): it ends about 5 s into its redelivery.
-    let w = world_with(
-        FakeApi::scripted(&[("ex-1", &[429; 10_000])]),
-        5,
-        Duration::from_secs(30),
-        ConcurrencyControl::Adaptive,
-        |store, _| {
-            let since = chrono::Utc::now() - chrono::Duration::seconds(25);
-            store.recorded.insert(
-                "r1".to_owned(),
-                Recorded {
-                    attempts: 7,
-                    throttled_since: Some(since),
-                },
-            );
-        },
-    );
+    let w = always_throttled(|store| {
+        let since = chrono::Utc::now() - chrono::Duration::seconds(25);
+        store.recorded.insert(
+            "r1".to_owned(),
+            Recorded {
+                attempts: 7,
+                throttled_since: Some(since),
+            },
+        );
+    });
     let mut redelivered = message(&[("r1", "ex-1")]);
     redelivered.redelivered = true;
     let started = Instant::now();
