@@ -90,7 +90,11 @@ async fn against_a_rate_limit_everything_succeeds_and_the_limit_comes_down() {
         .count("SELECT count(*) FROM termination_attempts WHERE http_status = 429")
         .await;
     let answered = env.sandbox.sandbox().stats().by_status.get(&429).copied();
-    assert_eq!(recorded as u64, answered.unwrap_or(0));
+    assert!(
+        answered.is_some_and(|n| n > 0),
+        "the rate limit was reached"
+    );
+    assert_eq!(Some(recorded as u64), answered);
 }
 
 #[tokio::test]
@@ -229,6 +233,11 @@ async fn a_redelivery_learns_since_when_its_request_has_been_throttled() {
         // Throttled, then a counted failure: not throttled now.
         ("b", 1, 429, 20),
         ("b", 2, 500, 10),
+        // Two throttled runs: the last one counts.
+        ("d", 1, 429, 50),
+        ("d", 2, 500, 40),
+        ("d", 3, 429, 30),
+        ("d", 4, 429, 20),
     ];
     for (id, attempt, status, minutes_ago) in rows {
         sqlx::query(
@@ -243,7 +252,7 @@ async fn a_redelivery_learns_since_when_its_request_has_been_throttled() {
         .await
         .expect("insert an attempt");
     }
-    let ids = ["a", "b", "c"].map(String::from);
+    let ids = ["a", "b", "c", "d"].map(String::from);
     let recorded = env
         .audit()
         .attempts_recorded(&ids)
@@ -259,5 +268,11 @@ async fn a_redelivery_learns_since_when_its_request_has_been_throttled() {
     );
     assert_eq!(recorded["b"].attempts, 2);
     assert_eq!(recorded["b"].throttled_since, None);
+    let d = recorded["d"].throttled_since.expect("d is throttled");
+    let ago = chrono::Utc::now() - d;
+    assert!(
+        (29..=31).contains(&ago.num_minutes()),
+        "throttled since {ago} ago"
+    );
     assert!(!recorded.contains_key("c"), "{recorded:?}");
 }

@@ -20,13 +20,21 @@ async fn queue_exists(env: &TestEnv, queue: &str) -> bool {
         .is_ok()
 }
 
-async fn demo(env: &TestEnv, queues: (&str, &str), args: &[&str]) -> (Option<i32>, String) {
+/// `demo` with `args` on `queues`, and `vars` over the test's broker and
+/// database.
+async fn demo(
+    env: &TestEnv,
+    queues: (&str, &str),
+    args: &[&str],
+    vars: &[(&str, &str)],
+) -> (Option<i32>, String) {
     let child = binary()
         .arg("demo")
         .args(["--queue", queues.0, "--dead-letter-queue", queues.1])
         .args(args)
         .env("AMQP_URL", &env.amqp_url)
         .env("DATABASE_URL", &env.database_url)
+        .envs(vars.iter().copied())
         .spawn()
         .expect("spawn demo");
     output(child).await
@@ -39,7 +47,7 @@ async fn demo_runs_a_mass_cancellation_end_to_end_and_cleans_up() {
     // and a developer's own `demo` do not meet.
     let queue = format!("{}.demo", env.queue);
     let dead = format!("{}.demo-dead", env.queue);
-    let (code, out) = demo(&env, (&queue, &dead), &["--requests", "500"]).await;
+    let (code, out) = demo(&env, (&queue, &dead), &["--requests", "500"], &[]).await;
     assert_eq!(code, Some(0), "{out}");
     assert!(
         out.contains("500 requests with a final outcome") && out.contains("requested by demo"),
@@ -75,7 +83,7 @@ async fn demo_runs_a_mass_cancellation_end_to_end_and_cleans_up() {
     );
 
     // Again, keeping the queues: new request ids, no collision with the first run.
-    let (code, out) = demo(&env, (&queue, &dead), &["--requests", "50", "--keep"]).await;
+    let (code, out) = demo(&env, (&queue, &dead), &["--requests", "50", "--keep"], &[]).await;
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("50 requests with a final outcome"), "{out}");
     assert_eq!(
@@ -112,24 +120,12 @@ async fn a_proxy_in_the_shell_does_not_catch_the_local_sandbox() {
     let env = TestEnv::new().await;
     let queue = format!("{}.demo-proxy", env.queue);
     let dead = format!("{}.demo-proxy-dead", env.queue);
-    let child = binary()
-        .arg("demo")
-        .args([
-            "--queue",
-            &queue,
-            "--dead-letter-queue",
-            &dead,
-            "--requests",
-            "50",
-        ])
-        .env("AMQP_URL", &env.amqp_url)
-        .env("DATABASE_URL", &env.database_url)
-        .env("HTTP_PROXY", "http://127.0.0.1:9")
-        .env("https_proxy", "http://127.0.0.1:9")
-        .env("NO_PROXY", "corp.example")
-        .spawn()
-        .expect("spawn demo");
-    let (code, out) = output(child).await;
+    let proxy = [
+        ("HTTP_PROXY", "http://127.0.0.1:9"),
+        ("https_proxy", "http://127.0.0.1:9"),
+        ("NO_PROXY", "corp.example"),
+    ];
+    let (code, out) = demo(&env, (&queue, &dead), &["--requests", "50"], &proxy).await;
     assert_eq!(code, Some(0), "{out}");
     assert_eq!(
         env.count("SELECT count(*) FROM termination_outcomes WHERE requested_by = 'demo'")

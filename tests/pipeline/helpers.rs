@@ -715,10 +715,20 @@ pub async fn succeeded(env: &TestEnv) -> i64 {
 
 /// `report --format json` with `args`, through the binary.
 pub async fn report_json(env: &TestEnv, args: &[&str]) -> serde_json::Value {
+    report_json_with(env, args, &[]).await
+}
+
+/// The same, with `vars` over the test's settings.
+pub async fn report_json_with(
+    env: &TestEnv,
+    args: &[&str],
+    vars: &[(&str, &str)],
+) -> serde_json::Value {
     let mut cmd = binary();
     cmd.args(["report", "--format", "json"])
         .args(args)
-        .envs(env.binary_env_without_auth());
+        .envs(env.binary_env_without_auth())
+        .envs(vars.iter().copied());
     let (code, out) = output(cmd.spawn().expect("spawn report")).await;
     assert_eq!(code, Some(0), "{out}");
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))

@@ -253,8 +253,9 @@ async fn the_views_quantiles_are_the_reports() {
 
 #[tokio::test]
 async fn prune_during_a_run_loses_nothing_and_changes_no_total() {
-    // A slow API and two calls at a time: the run lasts ~10 s, well past
-    // the prune.
+    // A slow API and two calls at a time, held to a call a second while the
+    // prune runs: the run cannot end before the prune does, and goes on
+    // writing (throttled attempts) meanwhile.
     let env = TestEnv::with_sandbox(SandboxArgs {
         latency: Duration::from_millis(100),
         ..SandboxArgs::default()
@@ -281,6 +282,7 @@ async fn prune_during_a_run_loses_nothing_and_changes_no_total() {
         env.count(run_outcomes).await > 0
     })
     .await;
+    env.sandbox.sandbox().set_rate_limit(Some(1));
     // The queue's messages carry no timestamp: their age is stated.
     let (code, out) = prune(
         &env,
@@ -300,6 +302,7 @@ async fn prune_during_a_run_loses_nothing_and_changes_no_total() {
         "{out}"
     );
     let still_running = env.count(run_outcomes).await < 200;
+    env.sandbox.sandbox().set_rate_limit(None);
     env.wait_outcomes(200).await;
     daemon.stop().await;
     assert!(
@@ -625,26 +628,15 @@ async fn a_report_on_a_read_only_connection_counts_everything() {
         .fetch_one(&sqlx::PgPool::connect(&read_only).await.expect("connect"))
         .await
         .expect("show");
-    assert_eq!(on, "on", "the report's connection is read-only");
-    let report_read_only = |args: &[&str]| {
-        let mut cmd = binary();
-        cmd.args(["report", "--format", "json"])
-            .args(args)
-            .envs(env.binary_env_without_auth())
-            .env("DATABASE_URL", &read_only);
-        async move {
-            let (code, out) = output(cmd.spawn().expect("spawn report")).await;
-            assert_eq!(code, Some(0), "{out}");
-            serde_json::from_str::<Value>(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
-        }
-    };
-    let all = report_read_only(&[]).await;
+    assert_eq!(on, "on", "a connection through this URL is read-only");
+    let vars = [("DATABASE_URL", read_only.as_str())];
+    let all = report_json_with(&env, &[], &vars).await;
     assert_eq!(count(&all, "succeeded"), 400, "{all}");
     assert_eq!(count(&all, "failed_permanent"), 103, "{all}");
     assert_eq!(all["latency_ms"]["calls"].as_i64(), Some(1000), "{all}");
-    let week = report_read_only(&["--since", "7d"]).await;
+    let week = report_json_with(&env, &["--since", "7d"], &vars).await;
     assert_eq!(count(&week, "succeeded"), 400, "{week}");
-    let campaign = report_read_only(&["--campaign", "ro-camp"]).await;
+    let campaign = report_json_with(&env, &["--campaign", "ro-camp"], &vars).await;
     assert_eq!(
         campaign["errors"][0]["error_code"], "AOM.0404",
         "{campaign}"

@@ -57,6 +57,22 @@ pub struct CertKey {
 }
 
 impl CertKey {
+    /// The sandbox with `args`, serving https with this certificate on a
+    /// free port of 127.0.0.1.
+    pub async fn https_sandbox(
+        &self,
+        args: &aom_terminator::sandbox::SandboxArgs,
+    ) -> aom_terminator::sandbox::RunningSandbox {
+        aom_terminator::sandbox::Sandbox::new(args)
+            .bind_tls(
+                SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+                self.cert_pem.as_bytes(),
+                self.key_pem.as_bytes(),
+            )
+            .await
+            .expect("the sandbox over TLS")
+    }
+
     pub fn cert_der(&self) -> Vec<CertificateDer<'static>> {
         CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
             .collect::<Result<_, _>>()

@@ -8,7 +8,7 @@
 use crate::auth::{AK, SK, aksk_sandbox};
 use crate::helpers::*;
 use crate::tls::*;
-use aom_terminator::sandbox::{RunningSandbox, Sandbox, SandboxArgs};
+use aom_terminator::sandbox::SandboxArgs;
 use std::time::Duration;
 
 /// The password the broker URLs below carry: it must never be printed.
@@ -102,31 +102,18 @@ async fn amqps_with_a_private_ca_and_mutual_tls() {
     let _ = std::fs::remove_file(&file);
 }
 
-/// The sandbox with `args`, serving https with the kit's server certificate.
-async fn https_sandbox(kit: &TlsKit, args: &SandboxArgs) -> RunningSandbox {
-    Sandbox::new(args)
-        .bind_tls(
-            "127.0.0.1:0".parse().expect("addr"),
-            kit.server.cert_pem.as_bytes(),
-            kit.server.key_pem.as_bytes(),
-        )
-        .await
-        .expect("sandbox over TLS")
-}
-
 #[tokio::test]
 async fn the_aom_api_over_https_with_a_private_ca() {
     install_crypto_provider();
     let kit = TlsKit::new();
     let env = TestEnv::new().await;
-    let sandbox = https_sandbox(
-        &kit,
-        &SandboxArgs {
+    let sandbox = kit
+        .server
+        .https_sandbox(&SandboxArgs {
             expected_token: Some(TOKEN.to_owned()),
             ..SandboxArgs::default()
-        },
-    )
-    .await;
+        })
+        .await;
     let endpoint = sandbox.base_url();
     assert!(endpoint.starts_with("https://"), "{endpoint}");
     let ca = kit.ca.cert_path.display().to_string();
@@ -157,7 +144,7 @@ async fn aksk_signed_calls_over_http2_when_asked() {
     install_crypto_provider();
     let kit = TlsKit::new();
     let env = TestEnv::new().await;
-    let sandbox = https_sandbox(&kit, &aksk_sandbox()).await;
+    let sandbox = kit.server.https_sandbox(&aksk_sandbox()).await;
     let endpoint = sandbox.base_url();
     let ca = kit.ca.cert_path.display().to_string();
     let daemon = env.start_daemon_with_auth(
@@ -348,17 +335,12 @@ async fn https_api_calls_go_through_https_proxy_unless_no_proxy_says_otherwise()
     // The API under a name that resolves nowhere: only the proxy can reach it.
     const HOST: &str = "aom.tunnelled.invalid";
     let named = kit.issue_server("tunnelled", &[HOST]);
-    let sandbox = Sandbox::new(&SandboxArgs {
-        expected_token: Some(TOKEN.to_owned()),
-        ..SandboxArgs::default()
-    })
-    .bind_tls(
-        "127.0.0.1:0".parse().expect("addr"),
-        named.cert_pem.as_bytes(),
-        named.key_pem.as_bytes(),
-    )
-    .await
-    .expect("sandbox over TLS");
+    let sandbox = named
+        .https_sandbox(&SandboxArgs {
+            expected_token: Some(TOKEN.to_owned()),
+            ..SandboxArgs::default()
+        })
+        .await;
     let proxy = ConnectProxy::start(sandbox.local_addr()).await;
     let endpoint = format!("https://{HOST}:{}", sandbox.local_addr().port());
     let env = &env;

@@ -4,11 +4,10 @@
 
 use crate::helpers::*;
 use crate::tls::*;
-use aom_terminator::sandbox::{Sandbox, SandboxArgs};
+use aom_terminator::sandbox::SandboxArgs;
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
-use std::net::SocketAddr;
 use std::time::Duration;
 
 const TLS_TOKEN: &str = "tls-test-token";
@@ -34,17 +33,12 @@ async fn terminate(
 }
 
 async fn tls_sandbox(kit: &TlsKit) -> aom_terminator::sandbox::RunningSandbox {
-    Sandbox::new(&SandboxArgs {
-        expected_token: Some(TLS_TOKEN.to_owned()),
-        ..SandboxArgs::default()
-    })
-    .bind_tls(
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-        kit.server.cert_pem.as_bytes(),
-        kit.server.key_pem.as_bytes(),
-    )
-    .await
-    .expect("start the sandbox with TLS")
+    kit.server
+        .https_sandbox(&SandboxArgs {
+            expected_token: Some(TLS_TOKEN.to_owned()),
+            ..SandboxArgs::default()
+        })
+        .await
 }
 
 #[tokio::test]
@@ -240,14 +234,7 @@ async fn the_kit_writes_its_pem_files_and_removes_them() {
     assert_ne!(kit.ca.cert_pem, kit.wrong_ca.cert_pem);
     // The server certificate holds the names asked for, the IP as an IP SAN.
     let config = kit.client_config(false);
-    let running = Sandbox::new(&SandboxArgs::default())
-        .bind_tls(
-            SocketAddr::from(([127, 0, 0, 1], 0)),
-            kit.server.cert_pem.as_bytes(),
-            kit.server.key_pem.as_bytes(),
-        )
-        .await
-        .unwrap();
+    let running = kit.server.https_sandbox(&SandboxArgs::default()).await;
     for name in ["sandbox.test", "127.0.0.1"] {
         let tcp = tokio::net::TcpStream::connect(running.local_addr())
             .await
