@@ -28,7 +28,7 @@ BIN=target/release/aom-terminator
 sandbox=
 cleanup() {
   [ -n "$sandbox" ] && kill "$sandbox" 2>/dev/null || true
-  rabbitmqctl -q delete_queue "$name.requests" >/dev/null 2>&1 || true
+  QUEUE="$name.requests" "$PYTHON" benches/python/worker.py drop >/dev/null 2>&1 || true
   psql "$base_url" -qc "DROP DATABASE IF EXISTS $name WITH (FORCE)" || true
 }
 trap cleanup EXIT
@@ -41,10 +41,10 @@ env $(env | grep -o '^SANDBOX_[A-Z_]*' | sed 's/^/-u /') TOKIO_WORKER_THREADS=1 
   "$BIN" sandbox --listen "127.0.0.1:$port" --latency 0 >/dev/null 2>&1 &
 sandbox=$!
 for _ in $(seq 1 50); do
-  curl -fs "http://127.0.0.1:$port/_sandbox/stats" >/dev/null && break
+  curl --noproxy '*' -fs "http://127.0.0.1:$port/_sandbox/stats" >/dev/null && break
   sleep 0.1
 done
-curl -fs "http://127.0.0.1:$port/_sandbox/stats" >/dev/null
+curl --noproxy '*' -fs "http://127.0.0.1:$port/_sandbox/stats" >/dev/null
 
 export QUEUE="$name.requests"
 DATABASE_URL="$scratch_url" "$PYTHON" benches/python/worker.py fill --requests "$N"

@@ -11,6 +11,7 @@ rows, prints its own CPU time (start-up and imports included) as JSON, deletes i
 and exits 1 unless every request succeeded (a run that is not correct has no rate).
 
     python worker.py fill --requests 20000        # publish the singles (not measured)
+    python worker.py drop                         # delete the queue
     python worker.py work --requests 20000 --concurrency 64 --api http://127.0.0.1:PORT
 
 AMQP_URL, DATABASE_URL and QUEUE come from the environment. benches/python/run.sh runs both
@@ -53,6 +54,13 @@ async def fill(amqp_url, queue, n):
                 await asyncio.gather(*pending)
                 pending.clear()
         await asyncio.gather(*pending)
+
+
+async def drop(amqp_url, queue):
+    conn = await aio_pika.connect(amqp_url)
+    async with conn:
+        ch = await conn.channel()
+        await ch.queue_delete(queue)
 
 
 async def work(amqp_url, database_url, queue, api, n, concurrency, token):
@@ -165,7 +173,7 @@ async def work(amqp_url, database_url, queue, api, n, concurrency, token):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["fill", "work"])
+    p.add_argument("mode", choices=["fill", "work", "drop"])
     p.add_argument("--requests", type=int, default=20000)
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--api", default="http://127.0.0.1:8080")
@@ -174,6 +182,9 @@ def main():
     queue = os.environ["QUEUE"]
     if a.mode == "fill":
         asyncio.run(fill(amqp_url, queue, a.requests))
+        return
+    if a.mode == "drop":
+        asyncio.run(drop(amqp_url, queue))
         return
     window, succeeded = asyncio.run(
         work(
