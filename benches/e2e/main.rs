@@ -119,8 +119,11 @@ async fn bench_main(args: Args, amqp_url: String, database_url: String) -> Resul
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         clk_tck: clock_ticks(),
         timeout: Duration::from_secs(args.timeout_s.max(1)),
+        // The sandbox and the daemon's metrics are on loopback: never
+        // through a proxy in the shell.
         http: reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
+            .no_proxy()
             .build()
             .context("build the HTTP client")?,
     };

@@ -157,9 +157,10 @@ async def work(amqp_url, database_url, queue, api, n, concurrency, token):
     q = await ch.declare_queue(queue, durable=True, arguments=QUEUE_ARGS)
     writing = asyncio.ensure_future(writer())
     # aio-pika runs each delivery's callback as a task of its own.
-    await q.consume(handle)
+    tag = await q.consume(handle)
     # The writer's end, or its error: a run never hangs on a failed commit.
     await writing
+    await q.cancel(tag)
     await q.delete(if_unused=False, if_empty=False)
     await session.close()
     await conn.close()
